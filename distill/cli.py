@@ -1,0 +1,56 @@
+"""The ``distill`` console script.
+
+Each command lives in its own module that exposes ``register(subparsers)``; this file only
+collects them, so a new command needs no edit here beyond one line in ``COMMAND_MODULES``.
+Errors a user can fix (:class:`models.errors.ToolkitError`) print one line and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from models.errors import ToolkitError
+
+# Modules that register subcommands. Imported lazily so `distill --help` stays fast.
+COMMAND_MODULES = [
+    "distill.commands",  # train, sample, export
+    "metrics.cli",  # fid, fid-stats, clip
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill", description="Distil diffusion models into one-step generators and evaluate them."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:  # a command module not written yet must not break the others
+            if err.name != name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except ToolkitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
