@@ -1,0 +1,148 @@
+"""Samplers: pure ``@torch.no_grad()`` functions ``(model, noise, cond, timesteps, ...) -> x0``.
+
+``model`` is anything with ``.schedule`` and ``.guided(x_t, t, cond, scale) -> x0``: a
+:class:`~models.denoiser.Denoiser`, a :class:`~models.roles.Teacher` or a :class:`~models.roles.Student`.
+The same functions serve analytic, toy and diffusers-backed models.
+
+* :func:`sample_ddim` -- DDIM (Song et al. 2021, Eq. 12), deterministic or with ``eta``; with
+  diffusers' timesteps it reproduces ``DDIMScheduler`` step for step.
+* :func:`sample_euler` -- Euler on the probability-flow ODE in EDM coordinates (Karras et al. 2022,
+  Algorithm 2 without the Heun correction), with optional churn ``s_churn``.
+* :func:`sample_student` -- one-step / multi-step student: predict x0, re-noise it with **fresh** noise to
+  the next timestep (DMD2 Sec. 4.4; LCM's multistep sampler, Luo et al. 2023, Algorithm 1).
+* :func:`sample_hybrid` -- teacher for the first step(s), then the student (Distilling Diversity and
+  Control, 2025).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from models.conditioning import Cond
+
+
+def _times(timesteps, device) -> torch.Tensor:
+    return torch.as_tensor(timesteps if not isinstance(timesteps, torch.Tensor) else timesteps).to(device)
+
+
+def _end_time(schedule) -> float:
+    """The time that means clean data: -1 for discrete VP, 0 for continuous schedules."""
+    return -1 if schedule.discrete else 0.0
+
+
+def _full(t, batch: int, device) -> torch.Tensor:
+    return torch.as_tensor(t, device=device).expand(batch)
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def sample_ddim(model, noise: torch.Tensor, cond: Cond | None = None, timesteps: Sequence | torch.Tensor = (),
+                guidance_scale: float = 1.0, next_timesteps: Sequence | torch.Tensor | None = None,
+                eta: float = 0.0, generator: torch.Generator | None = None,
+                return_trajectory: bool = False):
+    """DDIM from ``x = noise`` over descending ``timesteps``; returns the final sample (x0 when ending clean).
+
+    Args:
+        timesteps: visited times, descending (e.g. ``VPSchedule.inference_timesteps(4, "leading", 1)``).
+        next_timesteps: where each step lands; default ``timesteps[1:]`` then clean data. Pass
+            ``VPSchedule.ddim_previous(timesteps, final="zero")`` to match SDXL's ``DDIMScheduler`` exactly.
+        eta: 0 is deterministic DDIM; 1 is DDPM-like ancestral sampling.
+    """
+    schedule = model.schedule
+    ts = _times(timesteps, noise.device)
+    if next_timesteps is None:
+        nxt = torch.cat([ts[1:], torch.tensor([_end_time(schedule)], device=ts.device, dtype=ts.dtype)])
+    else:
+        nxt = _times(next_timesteps, noise.device)
+    x, batch, trajectory = noise, noise.shape[0], []
+    for t, t_next in zip(ts, nxt):
+        t_b, tn_b = _full(t, batch, x.device), _full(t_next, batch, x.device)
+        x0 = model.guided(x, t_b, cond, guidance_scale)
+        if eta == 0.0:
+            x = schedule.step_to(x0, x, t_b, tn_b)
+        else:  # DDIM Eq. 16: part of the implied noise is replaced by fresh noise
+            a_t, s_t = schedule.alpha_sigma(t_b[:1])
+            a_n, s_n = schedule.alpha_sigma(tn_b[:1])
+            eps = schedule.eps_from_x0(x0, x, t_b)
+            var_ratio = ((s_n / s_t) ** 2 * (1 - (a_t / a_n) ** 2)).clamp_min(0)
+            s_noise = (eta * var_ratio.sqrt()).to(x.dtype)
+            s_keep = (s_n**2 - s_noise.double() ** 2).clamp_min(0).sqrt().to(x.dtype)
+            x = a_n.to(x.dtype) * x0 + s_keep * eps + s_noise * _randn_like(x, generator)
+        trajectory.append(x0)
+    return (x, trajectory) if return_trajectory else x
+
+
+@torch.no_grad()
+def sample_euler(model, noise: torch.Tensor, cond: Cond | None = None, timesteps: Sequence | torch.Tensor = (),
+                 guidance_scale: float = 1.0, s_churn: float = 0.0, generator: torch.Generator | None = None):
+    """Euler in EDM coordinates ``y = x / alpha``, ``dy/dsigma = (y - x0) / sigma`` (Karras et al. 2022, Alg. 2).
+
+    ``s_churn > 0`` raises the noise level by ``gamma = min(s_churn / N, sqrt(2) - 1)`` before each step
+    (on discrete schedules the raised level is rounded to the nearest timestep). With ``s_churn = 0``
+    this is the same ODE step as deterministic DDIM.
+    """
+    schedule = model.schedule
+    ts = _times(timesteps, noise.device)
+    ends = torch.cat([ts[1:], torch.tensor([_end_time(schedule)], device=ts.device, dtype=ts.dtype)])
+    gamma = min(s_churn / max(len(ts), 1), math.sqrt(2) - 1)
+    x, batch = noise, noise.shape[0]
+    for t, t_next in zip(ts, ends):
+        t_b = _full(t, batch, x.device)
+        alpha, sigma = (c.to(x.dtype) for c in schedule.alpha_sigma(t_b[:1]))
+        y, sig = x / alpha, sigma / alpha
+        if gamma > 0:
+            sig_hat = sig * (1 + gamma)
+            y = y + (sig_hat**2 - sig**2).sqrt() * _randn_like(y, generator)
+            t_b = _full(schedule.t_from_edm_sigma(sig_hat.double()).to(ts.dtype).reshape(()), batch, x.device)
+            alpha, sigma = (c.to(x.dtype) for c in schedule.alpha_sigma(t_b[:1]))
+            sig = sigma / alpha
+        x0 = model.guided(y * alpha, t_b, cond, guidance_scale)
+        a_n, s_n = (c.to(x.dtype) for c in schedule.alpha_sigma(_full(t_next, 1, x.device)))
+        sig_next = s_n / a_n
+        y_next = y + (sig_next - sig) * (y - x0) / sig
+        x = a_n * y_next
+    return x
+
+
+@torch.no_grad()
+def sample_student(model, noise: torch.Tensor, cond: Cond | None = None,
+                   timesteps: Sequence | torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   return_trajectory: bool = False, x_start: torch.Tensor | None = None):
+    """Multi-step student sampling: x0 at each time, re-noised with fresh noise to the next time.
+
+    ``timesteps`` defaults to the student's own. The first input is ``model.input_from_noise(noise)``
+    when the model is a :class:`~models.roles.Student` (pure noise otherwise). Noise is drawn from
+    ``generator`` once per re-noise, in step order, as diffusers' ``LCMScheduler`` draws it.
+    ``x_start`` replaces the first input (an already noisy sample at ``timesteps[0]``).
+    """
+    schedule = model.schedule
+    ts = _times(model.timesteps if timesteps is None else timesteps, noise.device)
+    if x_start is not None:
+        x = x_start
+    else:
+        x = model.input_from_noise(noise) if hasattr(model, "input_from_noise") else noise
+    batch, trajectory = noise.shape[0], []
+    x0 = x
+    for i, t in enumerate(ts):
+        x0 = model.guided(x, _full(t, batch, x.device), cond, 1.0)
+        trajectory.append(x0)
+        if i + 1 < len(ts):
+            x = schedule.add_noise(x0, _randn_like(x0, generator), _full(ts[i + 1], batch, x.device))
+    return (x0, trajectory) if return_trajectory else x0
+
+
+@torch.no_grad()
+def sample_hybrid(teacher, student, noise: torch.Tensor, cond: Cond | None = None,
+                  teacher_timesteps: Sequence | torch.Tensor = (999,), student_timesteps=None,
+                  guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Teacher DDIM over ``teacher_timesteps`` down to the student's first time, then the student."""
+    s_ts = _times(student.timesteps if student_timesteps is None else student_timesteps, noise.device)
+    t_ts = _times(teacher_timesteps, noise.device)
+    x = sample_ddim(teacher, noise, cond, t_ts, guidance_scale,
+                    next_timesteps=torch.cat([t_ts[1:], s_ts[:1].to(t_ts.dtype)]))
+    return sample_student(student, noise, cond, s_ts, generator, x_start=x)

@@ -1,0 +1,180 @@
+"""The three roles of distillation: a frozen Teacher, a trainable Student (the generator) and a FakeScore.
+
+All three wrap a :class:`~models.denoiser.Denoiser`, so each method is written once for every backbone
+(DESIGN.md, "Contracts").
+
+* :class:`Teacher` -- frozen (no parameter gradients, eval mode), optionally in bf16; gradients still
+  flow through its *inputs*, which SiD/SIM need. Guidance is applied here.
+* :class:`Student` -- the one-step (``G(z, c) = x0(x_{t*} = z, t*, c)``) or few-step generator. Starts as a
+  copy of the teacher's backbone (or a fresh toy net when the teacher is analytic); optional LoRA.
+* :class:`FakeScore` -- a trainable denoiser of the student's distribution (DMD's mu_fake, SiD's f_psi),
+  a copy of the teacher; optional LoRA (VSD style).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from models.conditioning import Cond
+from models.denoiser import Denoiser
+
+#: LoRA targets for diffusers UNets: attention, transformer projections, resnet convolutions (as DMD2 and
+#: the diffusers LCM-LoRA script adapt them).
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+@dataclass
+class LoraSpec:
+    """peft LoRA settings (Hu et al. 2021). ``target_modules`` None: UNet targets, or every Linear of a toy net."""
+
+    rank: int = 64
+    alpha: float | None = None  # defaults to rank (scale 1)
+    target_modules: list[str] | str | None = None
+    init: str | bool = "gaussian"  # peft's init_lora_weights; B = 0 either way, so the adapter starts as identity
+    dropout: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _default_targets(module: nn.Module) -> list[str] | str:
+    names = {name.split(".")[-1] for name, _ in module.named_modules()}
+    if "to_q" in names:
+        present = {n for n, _ in module.named_modules()}
+        return [t for t in UNET_LORA_TARGETS if any(n.endswith(t) for n in present)]
+    return [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+def add_lora(module: nn.Module, spec: LoraSpec, adapter_name: str = "default") -> nn.Module:
+    """Insert a peft LoRA adapter into ``module`` in place; only adapter weights stay trainable.
+
+    diffusers models use their own ``add_adapter`` (so ``save_lora_weights`` understands them); any other
+    ``nn.Module`` goes through ``peft.inject_adapter_in_model``.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank, lora_dropout=spec.dropout,
+                        target_modules=spec.target_modules or _default_targets(module),
+                        init_lora_weights=spec.init, **spec.extra)
+    module.requires_grad_(False)
+    if hasattr(module, "add_adapter") and hasattr(module, "set_adapters"):
+        module.add_adapter(config, adapter_name=adapter_name)
+    else:
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    for name, param in module.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return module
+
+
+def has_lora(module: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in module.named_parameters())
+
+
+def trainable_copy(denoiser: Denoiser, dtype: torch.dtype = torch.float32) -> Denoiser:
+    """A trainable copy of a denoiser (the teacher's weights) in ``dtype`` (fp32 for optimisation)."""
+    backbone = copy.deepcopy(denoiser.backbone).to(dtype)
+    backbone.requires_grad_(True)
+    backbone.train()
+    return Denoiser(backbone, denoiser.schedule, denoiser.prediction_type)
+
+
+class Teacher(nn.Module):
+    """Frozen teacher with classifier-free guidance.
+
+    Args:
+        denoiser: the pretrained model.
+        guidance_scale: CFG weight ``w`` used by default (DMD2: SDXL 8, SD1.5 1.75).
+        dtype: cast the backbone (bf16 halves memory; DMD2 keeps the teacher in bf16, fp16 diverges).
+    """
+
+    def __init__(self, denoiser: Denoiser, guidance_scale: float = 1.0, dtype: torch.dtype | None = None):
+        super().__init__()
+        if dtype is not None and isinstance(denoiser.backbone, nn.Module):
+            denoiser.backbone.to(dtype)
+        denoiser.requires_grad_(False)
+        denoiser.eval()
+        self.denoiser, self.guidance_scale = denoiser, guidance_scale
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def train(self, mode: bool = True) -> "Teacher":  # a teacher never leaves eval mode
+        return super().train(False)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None,
+                guidance_scale: float | None = None) -> torch.Tensor:
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        return self.denoiser.guided(x_t, t, cond, scale)
+
+    def guided(self, x_t, t, cond, scale):  # sampler interface
+        return self.denoiser.guided(x_t, t, cond, scale)
+
+
+class Student(nn.Module):
+    """The generator ``G``: one step from ``t*`` (``timesteps=[t*]``) or a few steps over ``timesteps``.
+
+    Args:
+        denoiser: the student network (a trainable copy of the teacher, or a toy net).
+        timesteps: the fixed generation times, descending (DMD2 4-step SDXL: [999, 749, 499, 249]).
+        noise_scale: input at the first step is ``noise_scale * z``: ``"unit"`` (DMD2 feeds pure noise z) or
+            ``"sigma"`` (``sigma(t*) z``, SiD's ``x = D(sigma_init z)`` in VP units).
+    """
+
+    def __init__(self, denoiser: Denoiser, timesteps: Sequence[float] = (999,), noise_scale: str = "unit"):
+        super().__init__()
+        if noise_scale not in ("unit", "sigma"):
+            raise ValueError(f"noise_scale must be 'unit' or 'sigma', got {noise_scale!r}")
+        self.denoiser = denoiser
+        self.register_buffer("timesteps", torch.as_tensor(list(timesteps)), persistent=False)
+        self.noise_scale = noise_scale
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def input_from_noise(self, z: torch.Tensor) -> torch.Tensor:
+        if self.noise_scale == "unit":
+            return z
+        _, sigma = self.schedule.alpha_sigma(self.timesteps[:1])
+        return z * sigma.to(z.dtype)
+
+    def times(self, step: int, batch: int, device) -> torch.Tensor:
+        return self.timesteps[step].to(device).expand(batch)
+
+    def forward(self, z: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        """One generator step from noise: ``x0(noise_scale z, t_0, c)`` (with gradient)."""
+        return self.denoiser(self.input_from_noise(z), self.times(0, z.shape[0], z.device), cond)
+
+    def guided(self, x_t, t, cond, scale):  # sampler interface: a student is never guided
+        return self.denoiser(x_t, t, cond)
+
+
+class FakeScore(nn.Module):
+    """Trainable denoiser of the generator's distribution (DMD's fake score, SiD's f_psi). Never guided."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        return self.denoiser(x_t, t, cond)
+
+
+def make_trainable(denoiser: Denoiser, lora: LoraSpec | None = None) -> Denoiser:
+    """A trainable copy of ``denoiser`` in fp32, full or with a LoRA adapter."""
+    copy_ = trainable_copy(denoiser)
+    if lora is not None:
+        add_lora(copy_.backbone, lora)
+    return copy_

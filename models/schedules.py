@@ -1,0 +1,308 @@
+"""Noise schedules: the one place where times, noise levels and prediction types are converted.
+
+Every schedule writes the forward process as ``x_t = alpha(t) * x0 + sigma(t) * eps`` and every
+model output (eps, v, x0, flow velocity) is turned into an x0 prediction here, so that methods and
+samplers speak x0 only (k-diffusion's one-contract idea, Karras et al. 2022, "Elucidating the Design
+Space of Diffusion-Based Generative Models", Sec. 2).
+
+* :class:`VPSchedule` -- DDPM / variance preserving, discrete (Ho et al. 2020, Eq. 4). SD1.5 and SDXL use
+  ``scaled_linear`` betas 0.00085 -> 0.012 over 1000 steps. Times are integer timesteps; ``t < 0``
+  means "clean data" (``alpha = 1, sigma = 0``), which is diffusers' ``final_alpha_cumprod = 1``.
+* :class:`FlowSchedule` -- rectified flow (Liu et al. 2023; Esser et al. 2024, SD3 Eq. 1-3):
+  ``x_t = (1 - t) x0 + t eps`` with ``t`` in [0, 1] and velocity ``v = eps - x0``; timestep shift
+  ``t' = s t / (1 + (s - 1) t)`` (SD3 Sec. 5.3.2).
+* :class:`EDMSchedule` -- variance exploding in EDM form: ``x = x0 + sigma eps``, the time is sigma.
+
+Conversions run in float64 where precision matters (x0 from eps at t near 999 divides by 0.068).
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
+_PREDICTION_ALIASES = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
+                       "x0": "sample", "sample": "sample", "flow": "flow"}
+
+
+def canonical_prediction_type(name: str) -> str:
+    """Map the names people use (``eps``, ``v``, ``x0``) to diffusers' names."""
+    try:
+        return _PREDICTION_ALIASES[name]
+    except KeyError:
+        raise ValueError(f"unknown prediction type {name!r}; expected one of {sorted(_PREDICTION_ALIASES)}") from None
+
+
+def expand_like(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample coefficient [B] (or scalar) to broadcast against ``like`` [B, ...]."""
+    coef = torch.as_tensor(coef, device=like.device)
+    if coef.ndim == 0:
+        return coef
+    return coef.reshape(coef.shape[0], *([1] * (like.ndim - 1)))
+
+
+class Schedule(ABC):
+    """The forward process ``x_t = alpha(t) x0 + sigma(t) eps`` and all conversions derived from it."""
+
+    #: whether times are integer timesteps (VP, discrete) or continuous floats
+    discrete: bool = False
+
+    @abstractmethod
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return float64 ``(alpha, sigma)`` for times ``t`` (any shape)."""
+
+    @abstractmethod
+    def sample_t(self, n: int, low: float | None = None, high: float | None = None,
+                 generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Uniform training times in ``[low, high]`` (inclusive for discrete schedules)."""
+
+    @abstractmethod
+    def t_from_edm_sigma(self, sigma_edm: torch.Tensor) -> torch.Tensor:
+        """The time whose noise-to-signal ratio ``sigma / alpha`` equals ``sigma_edm``."""
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """What the backbone receives as its timestep argument (identity unless overridden)."""
+        return t
+
+    # ---------------------------------------------------------------- derived quantities
+    def edm_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Noise-to-signal ratio ``sigma / alpha`` (EDM's sigma; Karras et al. 2022, Table 1)."""
+        alpha, sigma = self.alpha_sigma(t)
+        return sigma / alpha
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t = alpha(t) x0 + sigma(t) eps`` in the dtype of ``x0``."""
+        alpha, sigma = self.alpha_sigma(t)
+        alpha, sigma = expand_like(alpha, x0).to(x0.dtype), expand_like(sigma, x0).to(x0.dtype)
+        return alpha * x0 + sigma * eps
+
+    def to_x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """Convert a model output of ``prediction_type`` at ``(x_t, t)`` into an x0 prediction."""
+        kind = canonical_prediction_type(prediction_type)
+        if kind == "sample":
+            return output
+        alpha, sigma = (expand_like(c, x_t) for c in self.alpha_sigma(t))
+        out, x = output.double(), x_t.double()
+        if kind == "epsilon":
+            x0 = (x - sigma * out) / alpha
+        elif kind == "v_prediction":  # v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4)
+            x0 = alpha * x - sigma * out
+        else:  # flow velocity v = eps - x0 with alpha = 1 - t, sigma = t:  x0 = x_t - t v
+            x0 = x - sigma * out
+        return x0.to(output.dtype)
+
+    def from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """Inverse of :meth:`to_x0`: what a model of ``prediction_type`` would output for this x0."""
+        kind = canonical_prediction_type(prediction_type)
+        if kind == "sample":
+            return x0
+        eps = self.eps_from_x0(x0, x_t, t)
+        if kind == "epsilon":
+            return eps
+        alpha, sigma = (expand_like(c, x_t) for c in self.alpha_sigma(t))
+        if kind == "v_prediction":
+            return (alpha * eps.double() - sigma * x0.double()).to(x0.dtype)
+        return eps - x0
+
+    def eps_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise implied by an x0 prediction: ``eps = (x_t - alpha x0) / sigma``."""
+        alpha, sigma = (expand_like(c, x_t) for c in self.alpha_sigma(t))
+        return ((x_t.double() - alpha * x0.double()) / sigma).to(x0.dtype)
+
+    def step_to(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM step (Song et al. 2021, Eq. 12 with eta = 0): keep the implied noise.
+
+        ``x_next = alpha(t_next) x0 + sigma(t_next) eps_hat``. For flow schedules this is exactly an
+        Euler step of the velocity ODE; for VP it is an Euler step in EDM coordinates ``x / alpha``.
+        """
+        eps = self.eps_from_x0(x0, x_t, t)
+        return self.add_noise(x0, eps, t_next)
+
+    def to(self, device) -> "Schedule":  # schedules hold small tables; kept on CPU and moved per call
+        return self
+
+
+class VPSchedule(Schedule):
+    """Discrete DDPM / variance-preserving schedule (Ho et al. 2020), as diffusers' ``DDPMScheduler``.
+
+    Args:
+        num_train_timesteps: number of discrete steps (1000 for SD/SDXL).
+        beta_start, beta_end: endpoints of the beta schedule.
+        beta_schedule: ``"scaled_linear"`` (SD/SDXL: linear in sqrt(beta)) or ``"linear"``.
+    """
+
+    discrete = True
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 beta_schedule: str = "scaled_linear"):
+        self.num_train_timesteps = num_train_timesteps
+        self.beta_start, self.beta_end, self.beta_schedule = beta_start, beta_end, beta_schedule
+        # diffusers builds betas in float32 and takes the cumulative product in float32; we do the same
+        # so alphas_cumprod match bit for bit, then hold them in float64 for the conversions.
+        if beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        elif beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        else:
+            raise ValueError(f"unsupported beta_schedule {beta_schedule!r}: use 'scaled_linear' or 'linear'")
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self._abar64 = self.alphas_cumprod.double()
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> "VPSchedule":
+        """Build from a diffusers scheduler config (dict or FrozenDict)."""
+        return cls(num_train_timesteps=config.get("num_train_timesteps", 1000),
+                   beta_start=config.get("beta_start", 0.00085), beta_end=config.get("beta_end", 0.012),
+                   beta_schedule=config.get("beta_schedule", "scaled_linear"))
+
+    @property
+    def t_max(self) -> int:
+        return self.num_train_timesteps - 1
+
+    def alphas_cumprod_at(self, t: torch.Tensor) -> torch.Tensor:
+        """``abar_t`` in float64; ``t < 0`` gives 1 (clean data)."""
+        t = torch.as_tensor(t)
+        table = self._abar64.to(t.device)
+        idx = t.long().clamp(0, self.num_train_timesteps - 1)
+        return torch.where(t < 0, torch.ones_like(idx, dtype=torch.float64), table[idx])
+
+    def alpha_sigma(self, t):
+        abar = self.alphas_cumprod_at(t)
+        return abar.sqrt(), (1.0 - abar).sqrt()
+
+    def sample_t(self, n, low=None, high=None, generator=None, device=None):
+        low = 0 if low is None else int(low)
+        high = self.t_max if high is None else int(high)
+        return torch.randint(low, high + 1, (n,), generator=generator, device=device)
+
+    def t_from_edm_sigma(self, sigma_edm):
+        """Nearest discrete timestep with ``sqrt((1 - abar) / abar)`` closest to ``sigma_edm``."""
+        sigma_edm = torch.as_tensor(sigma_edm, dtype=torch.float64)
+        table = ((1 - self._abar64) / self._abar64).sqrt()
+        return (table[None, :] - sigma_edm.reshape(-1, 1)).abs().argmin(dim=1).reshape(sigma_edm.shape)
+
+    def inference_timesteps(self, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+        """Sampling timesteps, descending, as diffusers' ``DDIMScheduler.set_timesteps`` makes them.
+
+        ``spacing``: ``"leading"`` (SD/SDXL configs, with ``steps_offset=1``), ``"trailing"`` (starts at 999)
+        or ``"linspace"``.
+        """
+        n = self.num_train_timesteps
+        if spacing == "leading":
+            ratio = n // num_steps
+            steps = (torch.arange(num_steps) * ratio).flip(0) + steps_offset
+        elif spacing == "trailing":
+            ratio = n / num_steps
+            steps = (torch.arange(n, 0, -ratio).round() - 1).long()
+        elif spacing == "linspace":
+            steps = torch.linspace(0, n - 1, num_steps).round().long().flip(0)
+        else:
+            raise ValueError(f"unknown timestep spacing {spacing!r}")
+        return steps.long()
+
+    def ddim_previous(self, timesteps: torch.Tensor, final: str = "clean") -> torch.Tensor:
+        """Where each DDIM step lands: ``t - n // num_steps`` (diffusers' rule), the last one at ``final``.
+
+        ``final="clean"`` lands on data (``set_alpha_to_one=True``); ``"zero"`` on timestep 0
+        (``set_alpha_to_one=False``, the SD/SDXL configs).
+        """
+        ratio = self.num_train_timesteps // len(timesteps)
+        prev = timesteps - ratio
+        floor = -1 if final == "clean" else 0
+        return torch.where(prev < 0, torch.full_like(prev, floor), prev)
+
+
+class FlowSchedule(Schedule):
+    """Rectified flow / flow matching: ``x_t = (1 - t) x0 + t eps``, ``t`` in [0, 1], velocity ``eps - x0``.
+
+    Args:
+        shift: timestep shift ``s`` applied to sampling times (SD3 uses 3.0).
+        num_train_timesteps: the backbone receives ``t * num_train_timesteps`` as its timestep.
+    """
+
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000):
+        self.shift, self.num_train_timesteps = shift, num_train_timesteps
+
+    def alpha_sigma(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return 1.0 - t, t
+
+    def shift_time(self, t: torch.Tensor) -> torch.Tensor:
+        """``t' = s t / (1 + (s - 1) t)`` (SD3, Esser et al. 2024, Sec. 5.3.2)."""
+        s = self.shift
+        return s * t / (1 + (s - 1) * t)
+
+    def sample_t(self, n, low=None, high=None, generator=None, device=None):
+        low = 0.0 if low is None else low
+        high = 1.0 if high is None else high
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        return self.shift_time(low + (high - low) * u)
+
+    def t_from_edm_sigma(self, sigma_edm):
+        sigma_edm = torch.as_tensor(sigma_edm, dtype=torch.float64)
+        return sigma_edm / (1 + sigma_edm)
+
+    def model_timestep(self, t):
+        return t * self.num_train_timesteps
+
+    def inference_timesteps(self, num_steps: int) -> torch.Tensor:
+        """Shifted sigmas as ``FlowMatchEulerDiscreteScheduler.set_timesteps`` makes them (without the final 0)."""
+        n = self.num_train_timesteps
+        t = torch.linspace(1.0, 1.0 / n, num_steps, dtype=torch.float64)
+        return self.shift_time(t)
+
+
+class EDMSchedule(Schedule):
+    """EDM / variance exploding: ``x = x0 + sigma eps``; the time is sigma (Karras et al. 2022)."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, sigma_data: float = 0.5):
+        self.sigma_min, self.sigma_max, self.rho, self.sigma_data = sigma_min, sigma_max, rho, sigma_data
+
+    def alpha_sigma(self, t):
+        sigma = torch.as_tensor(t, dtype=torch.float64)
+        return torch.ones_like(sigma), sigma
+
+    def karras_sigma(self, u: torch.Tensor) -> torch.Tensor:
+        """Karras et al. 2022, Eq. 5: ``u`` in [0, 1] maps sigma_max (u=0) to sigma_min (u=1)."""
+        inv_rho = 1.0 / self.rho
+        hi, lo = self.sigma_max**inv_rho, self.sigma_min**inv_rho
+        return (hi + u * (lo - hi)) ** self.rho
+
+    def sample_t(self, n, low=None, high=None, generator=None, device=None):
+        """Karras sigmas for ``u ~ U[low, high]`` (SiD draws u in [0, 0.8] with rho = 7)."""
+        low = 0.0 if low is None else low
+        high = 1.0 if high is None else high
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        return self.karras_sigma(low + (high - low) * u)
+
+    def t_from_edm_sigma(self, sigma_edm):
+        return torch.as_tensor(sigma_edm, dtype=torch.float64)
+
+    def inference_timesteps(self, num_steps: int) -> torch.Tensor:
+        return self.karras_sigma(torch.linspace(0, 1, num_steps, dtype=torch.float64))
+
+
+def build_schedule(kind: str = "vp", **kwargs) -> Schedule:
+    """Schedule from a config name: ``vp`` / ``ddpm``, ``flow``, ``edm``."""
+    kinds = {"vp": VPSchedule, "ddpm": VPSchedule, "flow": FlowSchedule, "edm": EDMSchedule}
+    if kind not in kinds:
+        raise ValueError(f"unknown schedule {kind!r}; expected one of {sorted(kinds)}")
+    return kinds[kind](**kwargs)
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance scale (LCM, Luo et al. 2023; VDM's timestep embedding).
+
+    Matches diffusers' ``get_guidance_scale_embedding``; callers pass ``w * 1000`` as LCM does.
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=dtype, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    angles = w.to(dtype)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb

@@ -1,0 +1,55 @@
+"""Small time-conditioned networks for toy problems (2-D mixtures, tiny images).
+
+These play the student and the fake score when the teacher is an analytic mixture. They follow the
+diffusers backbone signature ``net(x, timestep, class_labels=None)`` so the same
+:class:`~models.denoiser.Denoiser` wraps them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer-style sinusoidal features of a scalar time (Vaswani et al. 2017; DDPM's time embedding)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ToyMLP(nn.Module):
+    """MLP denoiser backbone for vectors (or any shape, flattened).
+
+    Args:
+        dim: number of values in one sample.
+        hidden, depth: width and number of hidden layers.
+        num_classes: > 0 adds a class embedding with an extra null class (label -1 or ``num_classes``).
+        time_scale: the backbone's timestep is divided by this before embedding (1000 for VP timesteps),
+            then multiplied by 1000 inside the embedding so that all schedules see the same frequencies.
+    """
+
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, num_classes: int = 0,
+                 time_scale: float = 1000.0, emb_dim: int = 64):
+        super().__init__()
+        self.dim, self.num_classes, self.time_scale, self.emb_dim = dim, num_classes, time_scale, emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.class_emb = nn.Embedding(num_classes + 1, hidden) if num_classes else None
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
+        shape = x.shape
+        t = torch.as_tensor(timestep, device=x.device).expand(shape[0])
+        emb = self.time_mlp(sinusoidal_embedding(t / self.time_scale * 1000.0, self.emb_dim))
+        if self.class_emb is not None:
+            labels = torch.full((shape[0],), -1, device=x.device, dtype=torch.long) if class_labels is None \
+                else class_labels.to(x.device).long()
+            emb = emb + self.class_emb(torch.where(labels < 0, self.num_classes, labels))
+        h = self.inp(x.reshape(shape[0], -1)) + emb
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h).reshape(shape)
