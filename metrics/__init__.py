@@ -1,0 +1,44 @@
+"""Evaluation: FID with clean-fid parity and CLIP score.
+
+Public API::
+
+    metrics.fid(a, b, ...)                        # FID between folders / .npz / tensors / generators
+    metrics.compute_stats(source, ...).save(path) # reference statistics (.npz with a manifest)
+    metrics.frechet_distance(mu1, sigma1, mu2, sigma2)
+    metrics.clip_score(images, prompts, ...)      # CLIPScore, "cosine" (DMD2) or "torchmetrics"
+
+FID follows clean-fid's ``clean`` mode (Parmar et al. 2022) with the Frechet distance of Heusel et
+al. 2017; CLIP score follows Hessel et al. 2021. The functions ``metrics.fid`` and
+``metrics.clip_score`` shadow their modules of the same name: import module internals with
+``from metrics.fid import ...`` or ``importlib.import_module("metrics.fid")``.
+"""
+from metrics.clip_score import DMD2_PREFIX, ClipModel, load_clip, read_prompts
+from metrics.fid import compute_stats, extract_features
+from metrics.inception import INCEPTION_ENV, INCEPTION_URL, clean_resize, find_inception_weights, load_inception
+from metrics.sources import FolderSource, GeneratorSource, TensorSource, open_source
+from metrics.stats import RunningStats, Stats, frechet_distance
+from metrics.clip_score import clip_score  # noqa: E402 - after the module import it shadows
+from metrics.fid import fid  # noqa: E402
+
+__all__ = [
+    "ClipModel",
+    "DMD2_PREFIX",
+    "FolderSource",
+    "GeneratorSource",
+    "INCEPTION_ENV",
+    "INCEPTION_URL",
+    "RunningStats",
+    "Stats",
+    "TensorSource",
+    "clean_resize",
+    "clip_score",
+    "compute_stats",
+    "extract_features",
+    "fid",
+    "find_inception_weights",
+    "frechet_distance",
+    "load_clip",
+    "load_inception",
+    "open_source",
+    "read_prompts",
+]

@@ -1,0 +1,17 @@
+"""Small helpers shared by the metrics modules."""
+from __future__ import annotations
+
+import torch
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for one-line user errors."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """The given device, else CUDA when present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
