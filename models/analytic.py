@@ -20,7 +20,7 @@ from torch import nn
 
 from models.conditioning import ClassConditioner
 from models.denoiser import Denoiser
-from models.schedules import Schedule, expand_like
+from models.schedules import Schedule
 
 
 class GaussianMixture(nn.Module):
@@ -93,11 +93,16 @@ class GaussianMixture(nn.Module):
         x = x.float().reshape(n, *self.sample_shape)
         return (x, comp) if return_components else x
 
+    @staticmethod
+    def _per_sample(coef, x: torch.Tensor) -> torch.Tensor:
+        """A scalar or [B] coefficient as [B, 1] float64."""
+        coef = torch.as_tensor(coef, dtype=torch.float64, device=x.device)
+        return coef.expand(x.shape[0]).reshape(-1, 1) if coef.ndim == 0 else coef.reshape(-1, 1)
+
     def log_prob_noisy(self, x_t: torch.Tensor, alpha, sigma, class_labels=None) -> torch.Tensor:
         """log q_t(x_t) of the noised mixture, per sample, float64."""
         x = x_t.reshape(x_t.shape[0], -1).double()
-        alpha = expand_like(torch.as_tensor(alpha, dtype=torch.float64), x)
-        sigma = expand_like(torch.as_tensor(sigma, dtype=torch.float64), x)
+        alpha, sigma = self._per_sample(alpha, x), self._per_sample(sigma, x)
         var = alpha**2 * self.stds[None, :] ** 2 + sigma**2  # [B, K]
         sq = ((x[:, None, :] - alpha[:, :, None] * self.means[None]) ** 2).sum(-1)  # [B, K]
         logw = self.component_weights(class_labels, x.shape[0]).clamp_min(1e-300).log()
@@ -112,8 +117,7 @@ class GaussianMixture(nn.Module):
         """Exact ``E[x0 | x_t]`` for ``x_t = alpha x0 + sigma eps``; alpha, sigma scalars or [B]."""
         shape, dtype = x_t.shape, x_t.dtype
         x = x_t.reshape(shape[0], -1).double()
-        alpha = expand_like(torch.as_tensor(alpha, dtype=torch.float64, device=x.device), x)
-        sigma = expand_like(torch.as_tensor(sigma, dtype=torch.float64, device=x.device), x)
+        alpha, sigma = self._per_sample(alpha, x), self._per_sample(sigma, x)
         s2 = self.stds[None, :] ** 2
         var = alpha**2 * s2 + sigma**2  # [B, K]
         diff = x[:, None, :] - alpha[:, :, None] * self.means[None]  # [B, K, D]
@@ -126,6 +130,8 @@ class GaussianMixture(nn.Module):
 
 class MixtureBackbone(nn.Module):
     """Backbone view of a mixture: ``(x_t, t, class_labels) -> exact x0`` under ``schedule``."""
+
+    takes_schedule_time = True
 
     def __init__(self, mixture: GaussianMixture, schedule: Schedule):
         super().__init__()

@@ -57,7 +57,9 @@ class Denoiser(nn.Module):
         """The backbone's own output (eps / v / x0 / flow) in the backbone's dtype."""
         dtype = self.dtype
         kwargs = Cond(kwargs).to(dtype=dtype).kwargs if dtype != torch.float32 else kwargs
-        out = self.backbone(x_t.to(dtype), self.schedule.model_timestep(t), **kwargs)
+        # analytic backbones take the schedule's own time; networks take the backbone's timestep convention
+        timestep = t if getattr(self.backbone, "takes_schedule_time", False) else self.schedule.model_timestep(t)
+        out = self.backbone(x_t.to(dtype), timestep, **kwargs)
         return backbone_output(out)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:

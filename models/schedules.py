@@ -63,6 +63,10 @@ class Schedule(ABC):
     def t_from_edm_sigma(self, sigma_edm: torch.Tensor) -> torch.Tensor:
         """The time whose noise-to-signal ratio ``sigma / alpha`` equals ``sigma_edm``."""
 
+    def time_at(self, fraction: float) -> float:
+        """The time at ``fraction`` of the way from clean (0) to pure noise (1), in the schedule's units."""
+        return fraction
+
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """What the backbone receives as its timestep argument (identity unless overridden)."""
         return t
@@ -89,9 +93,9 @@ class Schedule(ABC):
         if kind == "epsilon":
             x0 = (x - sigma * out) / alpha
         elif kind == "v_prediction":  # v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4)
-            x0 = alpha * x - sigma * out
-        else:  # flow velocity v = eps - x0 with alpha = 1 - t, sigma = t:  x0 = x_t - t v
-            x0 = x - sigma * out
+            x0 = (alpha * x - sigma * out) / (alpha**2 + sigma**2)  # the denominator is 1 for VP
+        else:  # flow velocity v = eps - x0 (alpha = 1 - t, sigma = t gives x0 = x_t - t v)
+            x0 = (x - sigma * out) / (alpha + sigma)
         return x0.to(output.dtype)
 
     def from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
@@ -162,6 +166,10 @@ class VPSchedule(Schedule):
     @property
     def t_max(self) -> int:
         return self.num_train_timesteps - 1
+
+    def time_at(self, fraction: float) -> int:
+        """Nearest integer timestep: 0.02 -> 20 and 0.98 -> 980 on a 1000-step schedule (DMD2's range)."""
+        return min(int(round(fraction * self.num_train_timesteps)), self.t_max)
 
     def alphas_cumprod_at(self, t: torch.Tensor) -> torch.Tensor:
         """``abar_t`` in float64; ``t < 0`` gives 1 (clean data)."""
@@ -250,9 +258,14 @@ class FlowSchedule(Schedule):
         return t * self.num_train_timesteps
 
     def inference_timesteps(self, num_steps: int) -> torch.Tensor:
-        """Shifted sigmas as ``FlowMatchEulerDiscreteScheduler.set_timesteps`` makes them (without the final 0)."""
+        """Shifted sigmas as ``FlowMatchEulerDiscreteScheduler.set_timesteps`` makes them (without the final 0).
+
+        diffusers spaces the grid down to the *shifted* smallest training sigma and then shifts again;
+        we follow it so that timesteps agree.
+        """
         n = self.num_train_timesteps
-        t = torch.linspace(1.0, 1.0 / n, num_steps, dtype=torch.float64)
+        lowest = float(self.shift_time(torch.tensor(1.0 / n, dtype=torch.float64)))
+        t = torch.linspace(1.0, lowest, num_steps, dtype=torch.float64)
         return self.shift_time(t)
 
 
@@ -272,15 +285,28 @@ class EDMSchedule(Schedule):
         hi, lo = self.sigma_max**inv_rho, self.sigma_min**inv_rho
         return (hi + u * (lo - hi)) ** self.rho
 
+    def karras_u(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`karras_sigma`."""
+        inv_rho = 1.0 / self.rho
+        hi, lo = self.sigma_max**inv_rho, self.sigma_min**inv_rho
+        return (torch.as_tensor(sigma, dtype=torch.float64) ** inv_rho - hi) / (lo - hi)
+
     def sample_t(self, n, low=None, high=None, generator=None, device=None):
-        """Karras sigmas for ``u ~ U[low, high]`` (SiD draws u in [0, 0.8] with rho = 7)."""
-        low = 0.0 if low is None else low
-        high = 1.0 if high is None else high
+        """Sigmas in ``[low, high]`` spaced as Karras' rho-schedule: ``u`` uniform, ``sigma = karras_sigma(u)``.
+
+        SiD draws ``u ~ U[0, 0.8]``, i.e. ``low = karras_sigma(0.8) = time_at(0.2)``, ``high = sigma_max``.
+        """
+        u_lo = 0.0 if high is None else float(self.karras_u(high))
+        u_hi = 1.0 if low is None else float(self.karras_u(low))
         u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-        return self.karras_sigma(low + (high - low) * u)
+        return self.karras_sigma(u_lo + (u_hi - u_lo) * u)
 
     def t_from_edm_sigma(self, sigma_edm):
         return torch.as_tensor(sigma_edm, dtype=torch.float64)
+
+    def time_at(self, fraction: float) -> float:
+        """Karras sigma at ``1 - fraction`` (fraction 1 is sigma_max)."""
+        return float(self.karras_sigma(torch.tensor(1.0 - fraction, dtype=torch.float64)))
 
     def inference_timesteps(self, num_steps: int) -> torch.Tensor:
         return self.karras_sigma(torch.linspace(0, 1, num_steps, dtype=torch.float64))
@@ -295,10 +321,11 @@ def build_schedule(kind: str = "vp", **kwargs) -> Schedule:
 
 
 def guidance_scale_embedding(w: torch.Tensor, dim: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sinusoidal embedding of the guidance scale (LCM, Luo et al. 2023; VDM's timestep embedding).
+    """Sinusoidal embedding of ``1000 w`` (LCM, Luo et al. 2023, Sec. 4.2; VDM's timestep embedding).
 
-    Matches diffusers' ``get_guidance_scale_embedding``; callers pass ``w * 1000`` as LCM does.
+    Equals diffusers' ``get_guidance_scale_embedding(w)`` (which also scales by 1000 inside).
     """
+    w = w * 1000.0
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=dtype, device=w.device) * -(math.log(10000.0) / (half - 1)))
     angles = w.to(dtype)[:, None] * freqs[None, :]

@@ -53,3 +53,27 @@ class ToyMLP(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         return self.out(h).reshape(shape)
+
+
+class TeacherResidual(nn.Module):
+    """``x0 = teacher_x0(x_t, t) + net(x_t, t)`` with the net's last layer zero-initialised.
+
+    The toy analogue of "initialise the fake score from the teacher's weights" (DMD2, SiD): at step 0 the
+    fake score *is* the teacher, and training only has to learn how the generator's distribution differs
+    from the teacher's. Used when the teacher is analytic and cannot be copied into a network.
+    """
+
+    takes_schedule_time = True  # the exact teacher needs the schedule's time; the net gets its own timestep
+
+    def __init__(self, teacher_backbone: nn.Module, net: ToyMLP, schedule):
+        super().__init__()
+        self.teacher_backbone, self.net, self.schedule = teacher_backbone, net, schedule
+        self.teacher_backbone.requires_grad_(False)
+        last = net.out[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
+        with torch.no_grad():
+            base = self.teacher_backbone(x, timestep, class_labels)
+        return base + self.net(x, self.schedule.model_timestep(timestep), class_labels)

@@ -1,0 +1,91 @@
+"""Batch sources: data as a pure function of the step, so resume and multi-process runs are exact.
+
+* :class:`ToySource` -- generator noise and class labels for an analytic mixture; real samples drawn from
+  the mixture itself (for GAN losses).
+* :class:`PromptSource` -- prompts from a text file (one per line), cycled in order; the data position is
+  ``step * global_batch``. Optional real latents (precomputed VAE latents, for DMD2's GAN).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from distill.methods.base import Batch, BatchRNG
+from models.errors import ToolkitError
+
+_DATA_STREAM = 1_000  # BatchRNG stream reserved for data, apart from the losses' streams
+
+
+class ToySource:
+    """Noise (and labels) for a mixture teacher. ``class_labels`` restricts the classes drawn."""
+
+    def __init__(self, mixture, conditioner, batch_size: int, seed: int = 0,
+                 class_labels: Sequence[int] | None = None, with_real: bool = False):
+        self.mixture, self.conditioner, self.global_batch_size = mixture, conditioner, batch_size
+        self.seed, self.with_real = seed, with_real
+        classes = class_labels if class_labels is not None else range(mixture.num_classes)
+        self.classes = torch.as_tensor(list(classes), dtype=torch.long)
+
+    def global_labels(self, step: int) -> torch.Tensor | None:
+        """Labels for the whole global batch (each process slices its rows)."""
+        if self.conditioner is None:
+            return None
+        rng = BatchRNG(self.seed, step, self.global_batch_size, slice(None)).fork(_DATA_STREAM + 1)
+        return self.classes[rng.randint(0, len(self.classes))]
+
+    def __call__(self, step: int, rows: slice, device) -> Batch:
+        rng = BatchRNG(self.seed, step, self.global_batch_size, rows, device)
+        noise = rng.fork(_DATA_STREAM).randn(*self.mixture.sample_shape)
+        labels = self.global_labels(step)
+        cond = self.conditioner(labels[rows]).to(device) if labels is not None else None
+        real = None
+        if self.with_real:
+            g = torch.Generator().manual_seed(self.seed * 7919 + step)
+            real = self.mixture.sample(self.global_batch_size, class_labels=labels, generator=g)[rows].to(device)
+        return Batch(noise=noise, cond=cond, rng=rng, real=real, real_cond=cond)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"prompt file not found: {path} (a text file with one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ToolkitError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+class PromptSource:
+    """Prompts cycled in file order; conditioning encoded on the fly by the teacher's conditioner.
+
+    Args:
+        latent_shape: shape of one generator input (e.g. (4, 128, 128) for SDXL at 1024 px).
+        real_latents: [N, *latent_shape] precomputed VAE latents of real images (GAN), paired with
+            ``real_prompts`` (default: the prompts of the same index).
+    """
+
+    def __init__(self, prompts: Sequence[str], conditioner, batch_size: int, latent_shape: Sequence[int],
+                 seed: int = 0, real_latents: torch.Tensor | None = None, real_prompts: Sequence[str] | None = None):
+        self.prompts, self.conditioner, self.global_batch_size = list(prompts), conditioner, batch_size
+        self.latent_shape, self.seed = tuple(latent_shape), seed
+        self.real_latents, self.real_prompts = real_latents, list(real_prompts or prompts)
+
+    def _take(self, items: list, step: int, rows: slice) -> list:
+        start = step * self.global_batch_size
+        idx = range(start + (rows.start or 0), start + (rows.stop if rows.stop is not None else self.global_batch_size))
+        return [items[i % len(items)] for i in idx]
+
+    def __call__(self, step: int, rows: slice, device) -> Batch:
+        rng = BatchRNG(self.seed, step, self.global_batch_size, rows, device)
+        noise = rng.fork(_DATA_STREAM).randn(*self.latent_shape)
+        cond = self.conditioner(self._take(self.prompts, step, rows)).to(device)
+        real = real_cond = None
+        if self.real_latents is not None:
+            n = self.real_latents.shape[0]
+            start = step * self.global_batch_size + (rows.start or 0)
+            idx = [(start + i) % n for i in range(noise.shape[0])]
+            real = self.real_latents[idx].to(device)
+            real_cond = self.conditioner([self.real_prompts[i % len(self.real_prompts)] for i in idx]).to(device)
+        return Batch(noise=noise, cond=cond, rng=rng, real=real, real_cond=real_cond)

@@ -1,0 +1,317 @@
+"""The Trainer: everything stateful around a :class:`~distill.methods.base.Method`.
+
+It owns accelerate (devices, processes, mixed precision), the generator and critic optimisers with
+linear warm-up, the two time-scale update rule, gradient accumulation, gradient clipping, the NaN
+guard, optional EMA of the student, atomic checkpoints with ``resume``, jsonl / tensorboard logs, a
+progress bar and periodic sample grids.
+
+Determinism: every random number of step ``s`` derives from ``(seed, s)`` (see ``BatchRNG``), and data
+are a function of the step, so a resumed run is bitwise identical to an uninterrupted one on CPU, and N
+processes sharing a global batch see the same samples and noise as one process.
+
+Distributed training averages gradients with one all-reduce per optimiser step over the parameters that
+optimiser updates, rather than wrapping modules in DDP: the fake score is trainable in the critic step
+and frozen in the generator step, which DDP's reducer cannot express without ``no_sync`` juggling.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distill import checkpoint as ckpt
+from distill.config import OptimConfig, TrainConfig
+from distill.ema import EMA
+from distill.methods.base import Batch, Method
+from models.errors import ToolkitError
+
+
+class BatchSource(Protocol):
+    """Data as a function of the step: ``source(step, rows, device) -> Batch`` for rows of the global batch."""
+
+    global_batch_size: int
+
+    def __call__(self, step: int, rows: slice, device) -> Batch: ...
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig):
+    """AdamW with a constant LR after a linear warm-up (DMD2's settings by default in the recipes)."""
+    if not params:
+        return None, None
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+    warmup = max(int(cfg.warmup_steps), 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return opt, sched
+
+
+@dataclass
+class _Turn:
+    """One optimiser with its parameters and settings."""
+
+    name: str
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    grad_clip: float
+
+
+def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and buffers: what changes during training (LoRA: the adapters only)."""
+    state = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    state.update({n: b for n, b in module.named_buffers() if b is not None and b.is_floating_point()})
+    return state
+
+
+def _load_trainable_state(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    own = dict(module.named_parameters())
+    own.update(dict(module.named_buffers()))
+    missing = [n for n in _trainable_state(module) if n not in tensors]
+    if missing:
+        raise ToolkitError(f"checkpoint does not match the model: {len(missing)} tensors missing, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name in own:
+                own[name].copy_(value)
+
+
+class Trainer:
+    """Runs a method. ``run()`` trains to ``config.steps`` and returns the last logs.
+
+    Args:
+        method: the loss object (holds the roles).
+        data: a :class:`BatchSource`.
+        config: training settings; ``generator_optim`` / ``critic_optim``: optimiser settings.
+        out_dir: run folder (checkpoints, logs, samples).
+        resume: ``None``, ``"auto"`` (latest checkpoint in ``out_dir`` if any) or a checkpoint path.
+        sample_fn: ``sample_fn(step, path_stem)`` writes a sample grid; called every ``sample_every`` steps.
+    """
+
+    def __init__(self, method: Method, data: BatchSource, config: TrainConfig, generator_optim: OptimConfig,
+                 critic_optim: OptimConfig, out_dir: str | Path, resume: str | None = None,
+                 sample_fn: Callable[[int, Path], None] | None = None, accelerator=None, progress: bool = True):
+        from accelerate import Accelerator
+
+        self.method, self.data, self.config = method, data, config
+        self.out_dir = Path(out_dir)
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision,
+                                                      cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.sample_fn, self.progress = sample_fn, progress
+        global_batch = data.global_batch_size
+        if global_batch % (self.world * config.grad_accum):
+            raise ToolkitError(f"global batch {global_batch} must divide by processes x grad_accum "
+                               f"({self.world} x {config.grad_accum})")
+        for module in vars(method).values():
+            if isinstance(module, nn.Module):
+                module.to(self.device)
+        self.turns: dict[str, _Turn] = {}
+        for name, params, cfg in (("generator", method.generator_parameters(), generator_optim),
+                                  ("critic", method.critic_parameters(), critic_optim)):
+            opt, sched = build_optimizer(params, cfg)
+            if opt is not None:
+                self.turns[name] = _Turn(name, params, opt, sched, cfg.grad_clip)
+        if "generator" not in self.turns:
+            raise ToolkitError("the method has no trainable generator parameters")
+        student = method.generator_modules()["student"]
+        self.ema = EMA(student, config.ema_decay) if config.ema_decay else None
+        self.step, self.nan_streak, self.nan_total = 0, 0, 0
+        self.checkpoint_root = self.out_dir / "checkpoints"
+        self.resumed_from = ckpt.resolve_resume(resume, self.checkpoint_root)
+        if self.resumed_from is not None:
+            self._load(self.resumed_from)
+        self._log_file = None
+        self._tb = None
+
+    # ------------------------------------------------------------------ state
+    def _modules(self) -> dict[str, nn.Module]:
+        return {**self.method.generator_modules(), **self.method.critic_modules()}
+
+    def state_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        weights = {name: _trainable_state(m) for name, m in self._modules().items()}
+        if self.ema is not None:
+            weights["student_ema"] = self.ema.state_dict()
+        extra = self.method.extra_state()
+        if extra:
+            weights["method_state"] = extra
+        return weights
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (main process); every process waits for it."""
+        path = None
+        if self.accelerator.is_main_process:
+            training_state = {
+                "optimizers": {n: t.optimizer.state_dict() for n, t in self.turns.items()},
+                "schedulers": {n: t.scheduler.state_dict() for n, t in self.turns.items()},
+                "rng": ckpt.rng_state(),
+            }
+            state = {"data_position": self.step * self.data.global_batch_size, "nan_total": self.nan_total,
+                     "nan_streak": self.nan_streak, "world_size": self.world}
+            path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.state_weights(), training_state, state,
+                                        keep=self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _load(self, path: Path) -> None:
+        weights, training_state, state = ckpt.load_checkpoint(path)
+        for name, module in self._modules().items():
+            if name not in weights:
+                raise ToolkitError(f"checkpoint {path} has no weights for {name}")
+            _load_trainable_state(module, weights[name])
+        if self.ema is not None and "student_ema" in weights:
+            self.ema.load_state_dict(weights["student_ema"])
+        if "method_state" in weights:
+            self.method.load_extra_state(weights["method_state"])
+        for name, turn in self.turns.items():
+            turn.optimizer.load_state_dict(training_state["optimizers"][name])
+            turn.scheduler.load_state_dict(training_state["schedulers"][name])
+        ckpt.set_rng_state(training_state["rng"])
+        self.step = int(state["step"])
+        self.nan_total, self.nan_streak = int(state.get("nan_total", 0)), int(state.get("nan_streak", 0))
+
+    # ------------------------------------------------------------------ one update
+    def _rows(self, micro: int) -> slice:
+        per_rank = self.data.global_batch_size // self.world
+        per_micro = per_rank // self.config.grad_accum
+        start = self.rank * per_rank + micro * per_micro
+        return slice(start, start + per_micro)
+
+    def _all_reduce_grads(self, params: list[nn.Parameter]) -> None:
+        if self.world == 1 or not dist.is_initialized():
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def _update(self, turn: _Turn, loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]],
+                batches: list[Batch]) -> dict:
+        """Backward over micro-batches, sync, clip, NaN guard, step. Returns logs (floats)."""
+        turn.optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        for batch in batches:
+            with self.accelerator.autocast():
+                loss, batch_logs = loss_fn(batch)
+            (loss / len(batches)).backward()
+            for k, v in {f"{turn.name}_loss": loss, **batch_logs}.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
+        self._all_reduce_grads(turn.params)
+        norm = torch.nn.utils.clip_grad_norm_(turn.params, turn.grad_clip if turn.grad_clip > 0 else float("inf"))
+        logs[f"{turn.name}_grad_norm"] = float(norm)
+        if not math.isfinite(float(norm)) or not math.isfinite(logs[f"{turn.name}_loss"]):
+            turn.optimizer.zero_grad(set_to_none=True)
+            logs["skipped"] = 1.0
+            return logs
+        turn.optimizer.step()
+        turn.scheduler.step()
+        logs[f"{turn.name}_lr"] = turn.scheduler.get_last_lr()[0]
+        return logs
+
+    def train_step(self) -> dict:
+        """One iteration: a generator update on TTUR turns, then a critic update."""
+        step = self.step
+        torch.manual_seed(self.config.seed * 1_000_003 + step)  # anything outside BatchRNG (dropout)
+        batches = [self.data(step, self._rows(m), self.device) for m in range(self.config.grad_accum)]
+        logs: dict[str, float] = {}
+        samples: dict[int, torch.Tensor] = {}
+        if step % self.method.generator_every == 0:
+            def gen_loss(batch):
+                loss, batch_logs = self.method.generator_loss(batch)
+                if getattr(self.method, "last_sample", None) is not None:
+                    samples[id(batch)] = self.method.last_sample
+                return loss, batch_logs
+            gen_logs = self._update(self.turns["generator"], gen_loss, batches)
+            if "skipped" not in gen_logs:
+                if self.ema is not None:
+                    self.ema.update()
+                self.method.on_generator_step(step)
+            logs.update(gen_logs)
+        if "critic" in self.turns:
+            critic_logs = self._update(self.turns["critic"],
+                                       lambda b: self.method.critic_loss(b, samples.get(id(b))), batches)
+            if "skipped" in critic_logs:
+                logs["skipped"] = 1.0
+            logs.update({k: v for k, v in critic_logs.items() if k != "skipped"})
+        if logs.get("skipped"):
+            self.nan_streak += 1
+            self.nan_total += 1
+        else:
+            self.nan_streak = 0
+        self.step += 1
+        if self.nan_streak >= self.config.max_nan_steps:
+            last = ckpt.list_checkpoints(self.checkpoint_root)
+            raise ToolkitError(f"stopped at step {self.step}: {self.nan_streak} consecutive non-finite losses or "
+                               f"gradients; last good checkpoint: {last[-1] if last else 'none'} "
+                               f"(lower the learning rate or check the data)")
+        return logs
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, logs: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        if self._log_file is None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.out_dir / "log.jsonl", "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self._tb = None
+        record = {"step": self.step, "time": time.time(), **logs}
+        self._log_file.write(json.dumps(record) + "\n")
+        self._log_file.flush()
+        if self._tb is not None:
+            for k, v in logs.items():
+                self._tb.add_scalar(k, v, self.step)
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="distill", dynamic_ncols=True,
+                   disable=not (self.progress and self.accelerator.is_main_process))
+        logs: dict = {}
+        try:
+            while self.step < cfg.steps:
+                logs = self.train_step()
+                bar.update(1)
+                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    self._log(logs)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "loss" in k})
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save()
+                if self.sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0 \
+                        and self.accelerator.is_main_process:
+                    self.write_samples()
+            self.save()
+            if self.sample_fn and cfg.sample_every and self.accelerator.is_main_process:
+                self.write_samples()
+        finally:
+            bar.close()
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+            if self._tb is not None:
+                self._tb.close()
+        return logs
+
+    def write_samples(self) -> None:
+        (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        stem = self.out_dir / "samples" / f"step_{self.step:08d}"
+        if self.ema is not None:
+            with self.ema.swapped():
+                self.sample_fn(self.step, stem)
+        else:
+            self.sample_fn(self.step, stem)
