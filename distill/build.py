@@ -71,15 +71,31 @@ def _lora_spec(cfg: LoraConfig | None) -> LoraSpec | None:
 
 
 def _toy_denoiser(net: NetConfig, mixture, schedule) -> Denoiser:
-    from models.toy import ToyMLP
+    from models.toy import ToyMLP, ToyUNet
 
     time_scale = getattr(schedule, "num_train_timesteps", 1000) if schedule.discrete else 1.0
-    backbone = ToyMLP(mixture.dim, net.hidden, net.depth, mixture.num_classes, time_scale=time_scale)
+    if net.kind == "mlp":
+        backbone = ToyMLP(mixture.dim, net.hidden, net.depth, mixture.num_classes, time_scale=time_scale)
+    elif net.kind == "unet2d":
+        if len(mixture.sample_shape) != 3:
+            raise ToolkitError(f"net kind unet2d needs image-shaped samples (C, H, W); the teacher's samples have "
+                               f"shape {mixture.sample_shape} (set teacher.sample_shape or use net kind mlp)")
+        try:
+            backbone = ToyUNet(mixture.sample_shape, net.channels, mixture.num_classes, time_scale=time_scale)
+        except ValueError as err:
+            raise ToolkitError(f"unet2d toy net: {err}") from None
+    else:
+        raise ToolkitError(f"unknown net kind {net.kind!r}; expected mlp or unet2d")
     return Denoiser(backbone, schedule, net.prediction_type)
 
 
 def build_models(config: Config, need_fake_score: bool = True, device=None) -> Models:
-    """Teacher, student and (when the method needs one) fake score, as the recipe describes them."""
+    """Teacher, student and (when the method needs one) fake score, as the recipe describes them.
+
+    Initialisation draws from the global RNG seeded with ``train.seed``, so every process of a run (and a
+    run and its resumed continuation) builds the same initial networks, whatever ran before.
+    """
+    torch.manual_seed(config.train.seed)
     tcfg = config.teacher
     if tcfg.kind == "gmm":
         from models.analytic import build_mixture, mixture_conditioner, mixture_denoiser

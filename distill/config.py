@@ -20,10 +20,16 @@ from models.errors import ToolkitError
 
 @dataclass
 class NetConfig:
-    """A toy network (used when the teacher is analytic): ``models.toy.ToyMLP`` settings."""
+    """A toy network (used when the teacher is analytic).
 
+    ``kind``: ``mlp`` (``models.toy.ToyMLP``: ``hidden``, ``depth``; any sample shape) or ``unet2d``
+    (``models.toy.ToyUNet``, a tiny diffusers ``UNet2DModel``: ``channels``; image-shaped samples only).
+    """
+
+    kind: str = "mlp"
     hidden: int = 256
     depth: int = 3
+    channels: list = field(default_factory=lambda: [16, 32])  # unet2d block widths
     prediction_type: str = "v_prediction"  # v is well conditioned at both ends of the schedule
 
 

@@ -21,12 +21,23 @@ class _StopForward(Exception):
 
 
 def default_feature_module(backbone: nn.Module) -> str:
-    """``mid_block`` for diffusers UNets; the middle residual block for toy MLPs."""
+    """``mid_block`` for diffusers UNets; the middle residual block for toy MLPs.
+
+    Wrapped backbones (a toy fake score initialised from the teacher is ``TeacherResidual.net``, a toy UNet
+    holds its ``UNet2DModel`` as ``.unet``) have these under a prefix: the shallowest match is taken.
+    """
     names = dict(backbone.named_modules())
-    if "mid_block" in names:
-        return "mid_block"
-    if "blocks" in names:
-        return f"blocks.{len(names['blocks']) // 2}"
+
+    def find(leaf: str) -> str | None:
+        found = [n for n in names if n == leaf or n.endswith("." + leaf)]
+        return min(found, key=lambda n: n.count(".")) if found else None
+
+    mid = find("mid_block")
+    if mid is not None:
+        return mid
+    blocks = find("blocks")
+    if blocks is not None:
+        return f"{blocks}.{len(names[blocks]) // 2}"
     raise ValueError("cannot find a bottleneck to put the GAN head on; set gan_feature_module in the config")
 
 
@@ -58,7 +69,13 @@ class FeatureTap:
 
 
 def _groups(channels: int) -> int:
-    return math.gcd(32, channels)
+    """GroupNorm(32) as DMD2 (1280 channels: 40 per group), but never fewer than 8 channels per group.
+
+    The last block normalises a 1x1 map: with one (or two) channels per group every value is normalised to
+    0 (or +-1) and the logit no longer depends on the input, which is what narrow backbones (toy and tiny
+    UNets, 32-64 mid-block channels) would get from ``GroupNorm(32)``.
+    """
+    return math.gcd(32, max(channels // 8, 1))
 
 
 class DiscriminatorHead(nn.Module):

@@ -1,7 +1,8 @@
 """Small time-conditioned networks for toy problems (2-D mixtures, tiny images).
 
-These play the student and the fake score when the teacher is an analytic mixture. They follow the
-diffusers backbone signature ``net(x, timestep, class_labels=None)`` so the same
+:class:`ToyMLP` for vectors, :class:`ToyUNet` (a tiny diffusers ``UNet2DModel``) for images. These play
+the student and the fake score when the teacher is an analytic mixture. They follow the diffusers
+backbone signature ``net(x, timestep, class_labels=None)`` so the same
 :class:`~models.denoiser.Denoiser` wraps them.
 """
 from __future__ import annotations
@@ -54,6 +55,56 @@ class ToyMLP(nn.Module):
             h = h + block(h)
         return self.out(h).reshape(shape)
 
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.out[-1]
+
+
+class ToyUNet(nn.Module):
+    """A tiny diffusers ``UNet2DModel`` for image-space toys (e.g. the ``image4`` mixture of 1x8x8 images).
+
+    A real encoder / mid-block / decoder UNet, so image-space tests exercise what SD-class backbones have:
+    DMD2's GAN head taps ``unet.mid_block``. Same signature and time convention as :class:`ToyMLP`.
+
+    Args:
+        sample_shape: ``(channels, height, width)`` of one sample; height and width must be divisible by
+            ``2 ** (len(channels) - 1)``.
+        channels: block widths (one down/up block each); ``norm_groups`` must divide every width.
+        num_classes: > 0 adds a class embedding with an extra null class (label -1 or ``num_classes``).
+        attention: use attention in the lowest-resolution blocks (off by default: a toy does not need it).
+    """
+
+    def __init__(self, sample_shape, channels=(16, 32), num_classes: int = 0, time_scale: float = 1000.0,
+                 layers_per_block: int = 1, norm_groups: int = 8, attention: bool = False):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        c, h, w = (int(v) for v in sample_shape)
+        if h % 2 ** (len(channels) - 1) or w % 2 ** (len(channels) - 1):
+            raise ValueError(f"sample size {h}x{w} must divide by 2^{len(channels) - 1} for {len(channels)} blocks")
+        down = ["DownBlock2D"] * len(channels)
+        up = ["UpBlock2D"] * len(channels)
+        if attention:
+            down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+        self.num_classes, self.time_scale = num_classes, time_scale
+        self.unet = UNet2DModel(sample_size=(h, w), in_channels=c, out_channels=c, block_out_channels=tuple(channels),
+                                layers_per_block=layers_per_block, down_block_types=tuple(down),
+                                up_block_types=tuple(up), norm_num_groups=norm_groups, add_attention=attention,
+                                attention_head_dim=8, num_class_embeds=num_classes + 1 if num_classes else None)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
+        t = torch.as_tensor(timestep, device=x.device).expand(x.shape[0]).float() / self.time_scale * 1000.0
+        labels = None
+        if self.num_classes:
+            labels = torch.full((x.shape[0],), -1, device=x.device, dtype=torch.long) if class_labels is None \
+                else class_labels.to(x.device).long()
+            labels = torch.where(labels < 0, self.num_classes, labels)
+        return self.unet(x, t, class_labels=labels).sample
+
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.unet.conv_out
+
 
 class TeacherResidual(nn.Module):
     """``x0 = teacher_x0(x_t, t) + net(x_t, t)`` with the net's last layer zero-initialised.
@@ -65,11 +116,11 @@ class TeacherResidual(nn.Module):
 
     takes_schedule_time = True  # the exact teacher needs the schedule's time; the net gets its own timestep
 
-    def __init__(self, teacher_backbone: nn.Module, net: ToyMLP, schedule):
+    def __init__(self, teacher_backbone: nn.Module, net: nn.Module, schedule):
         super().__init__()
         self.teacher_backbone, self.net, self.schedule = teacher_backbone, net, schedule
         self.teacher_backbone.requires_grad_(False)
-        last = net.out[-1]
+        last = net.output_layer  # ToyMLP or ToyUNet
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
