@@ -89,6 +89,72 @@ def _toy_denoiser(net: NetConfig, mixture, schedule) -> Denoiser:
     return Denoiser(backbone, schedule, net.prediction_type)
 
 
+def _toy_student_denoiser(config: Config, teacher: Teacher, mixture, schedule) -> Denoiser:
+    """A toy student: a fresh net, or (``student.init: teacher``) the exact teacher plus a zero-initialised residual.
+
+    ``teacher`` makes the student start as the teacher's one-step x0 prediction, the analogue of copying a
+    pretrained UNet into the student (consistency distillation starts from the teacher's weights).
+    """
+    scfg = config.student
+    if scfg.time_cond_proj_dim:
+        raise ToolkitError("student.time_cond_proj_dim needs a diffusers UNet student; toy students take no "
+                           "guidance embedding (use a fixed w: method.w_min = method.w_max)")
+    denoiser = _toy_denoiser(scfg.net, mixture, schedule)
+    if scfg.init == "teacher":
+        from models.toy import TeacherResidual
+
+        return Denoiser(TeacherResidual(teacher.denoiser.backbone, denoiser.backbone, schedule), schedule, "sample")
+    if scfg.init != "fresh":
+        raise ToolkitError(f"student.init must be fresh or teacher, got {scfg.init!r}")
+    return denoiser
+
+
+def _diffusers_student_denoiser(base: Denoiser, config: Config) -> Denoiser:
+    """A trainable fp32 copy of the teacher; with ``student.time_cond_proj_dim``, a w-conditioned UNet.
+
+    The w-conditioned UNet is the teacher's config plus ``time_cond_proj_dim``, loaded from the teacher's
+    weights with ``strict=False`` (LCM, Luo et al. 2023, Sec. 4.2; diffusers' LCM script). Only the new
+    ``time_embedding.cond_proj`` is missing; it is zero-initialised (the reference leaves it random), so the
+    student starts exactly as the teacher and learns how ``w`` should move it.
+    """
+    scfg = config.student
+    dim = scfg.time_cond_proj_dim
+    unet = base.backbone
+    if not dim or getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) == dim:
+        return make_trainable(base, _lora_spec(scfg.lora))
+    if scfg.lora is not None:
+        raise ToolkitError("student.time_cond_proj_dim adds a new layer that a LoRA student cannot train; use one "
+                           "or the other (LCM-LoRA students have no guidance embedding)")
+    if not hasattr(unet, "config") or not hasattr(type(unet), "from_config"):
+        raise ToolkitError(f"student.time_cond_proj_dim needs a diffusers UNet, got {type(unet).__name__}")
+    student = type(unet).from_config(unet.config, time_cond_proj_dim=int(dim))
+    missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
+    new = [k for k in missing if not k.startswith("time_embedding.cond_proj")]
+    if new or unexpected:
+        raise ToolkitError(f"cannot load the teacher into a UNet with time_cond_proj_dim={dim}: "
+                           f"missing {new[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for param in student.time_embedding.cond_proj.parameters():
+            param.zero_()
+    student.to(device=next(unet.parameters()).device, dtype=torch.float32).train().requires_grad_(True)
+    return Denoiser(student, base.schedule, base.prediction_type)
+
+
+def _prepare_student(config: Config, student: Student) -> None:
+    """Let the method adapt the student it trains (``Method.prepare_student(student, method_config)``, optional).
+
+    Consistency distillation puts its boundary scalings into the student's denoiser here, so a student
+    rebuilt from a run folder (``distill sample`` / ``export``) is the same function that was trained.
+    """
+    try:
+        cls = method_class(config.method["name"])
+    except ToolkitError:
+        return
+    hook = getattr(cls, "prepare_student", None)
+    if hook is not None:
+        hook(student, method_config(config))
+
+
 def build_models(config: Config, need_fake_score: bool = True, device=None) -> Models:
     """Teacher, student and (when the method needs one) fake score, as the recipe describes them.
 
@@ -107,10 +173,11 @@ def build_models(config: Config, need_fake_score: bool = True, device=None) -> M
         except (ValueError, TypeError) as err:
             raise ToolkitError(f"teacher: {err}") from None
         teacher = Teacher(mixture_denoiser(mixture, schedule))
-        student = Student(_toy_denoiser(config.student.net, mixture, schedule), config.student.timesteps,
+        student = Student(_toy_student_denoiser(config, teacher, mixture, schedule), config.student.timesteps,
                           config.student.noise_scale)
         if config.student.lora is not None:
             add_lora(student.denoiser.backbone, _lora_spec(config.student.lora))
+        _prepare_student(config, student)
         fake = None
         if need_fake_score:
             fake_denoiser = _toy_denoiser(config.fake_score.net, mixture, schedule)
@@ -140,8 +207,8 @@ def _build_diffusers_models(config: Config, need_fake_score: bool, device=None) 
     parts = load_pipeline_components(tcfg.path, kind=kind, device=device or "cpu", uncond=tcfg.uncond,
                                      resolution=tuple(tcfg.resolution) if tcfg.resolution else None)
     base = parts.denoiser
-    student = Student(make_trainable(base, _lora_spec(config.student.lora)), config.student.timesteps,
-                      config.student.noise_scale)
+    student = Student(_diffusers_student_denoiser(base, config), config.student.timesteps, config.student.noise_scale)
+    _prepare_student(config, student)
     fake = FakeScore(make_trainable(base, _lora_spec(config.fake_score.lora))) if need_fake_score else None
     teacher = Teacher(base, dtype=_DTYPES[tcfg.dtype])  # cast after the fp32 copies were made
     latent_shape = tuple(parts.latent_shape(1)[1:])
@@ -193,12 +260,16 @@ def example_batch(data, device=None):
     return data(0, slice(0, min(2, data.global_batch_size)), device)
 
 
-def build_run(config: Config, device=None):
-    """(models, method, data) for training."""
+def build_run(config: Config, device=None, warm_start: bool = True, progress: bool = False):
+    """(models, method, data) for training. ``warm_start=False`` skips the regression warm start (resuming)."""
     cls = method_class(config.method["name"])
     mcfg = method_config(config)
     models = build_models(config, need_fake_score=getattr(cls, "needs_fake_score", True), device=device)
-    needs_real = getattr(mcfg, "gan_discriminator_weight", 0) > 0
+    needs_real = getattr(mcfg, "gan_discriminator_weight", 0) > 0 or getattr(mcfg, "data_source", None) == "real"
     data = build_data(config, models, with_real=needs_real)
+    if warm_start and config.student.warm_start.steps > 0:
+        from distill.warm_start import regression_warm_start
+
+        regression_warm_start(models.student, models.teacher, data, config.student.warm_start, device, progress)
     method = cls.from_models(models, mcfg, example_batch(data, device))
     return models, method, data

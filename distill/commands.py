@@ -51,8 +51,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
+    from distill import checkpoint as ckpt
+
     device = "cuda" if torch.cuda.is_available() else None
-    models, method, data = build_run(config, device=device)
+    resuming = args.resume != "none" and ckpt.resolve_resume(args.resume, out / "checkpoints") is not None
+    models, method, data = build_run(config, device=device, warm_start=not resuming, progress=not args.no_progress)
     trainer = Trainer(method, data, config.train, config.generator_optim, config.critic_optim, out,
                       resume=None if args.resume == "none" else args.resume,
                       sample_fn=sample_grid_writer(models, config), progress=not args.no_progress)

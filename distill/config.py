@@ -60,12 +60,26 @@ class LoraConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """Regression onto the teacher's DDIM map before distillation (distill/warm_start.py)."""
+
+    steps: int = 0  # 0: no warm start
+    ode_steps: int = 50  # teacher DDIM steps for the targets
+    lr: float = 1e-3
+    guidance_scale: float = 1.0
+
+
+@dataclass
 class StudentConfig:
     timesteps: list = field(default_factory=lambda: [999])
     noise_scale: str = "unit"
     net: NetConfig = field(default_factory=NetConfig)
     lora: LoraConfig | None = None
     time_cond_proj_dim: int | None = None  # LCM guidance embedding (consistency distillation)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    # toy nets: "fresh" = a plain toy net; "teacher" = exact teacher + zero-initialised residual net (starts as
+    # the teacher's one-step x0, the analogue of copying the teacher's weights; used by consistency recipes)
+    init: str = "fresh"
 
 
 @dataclass

@@ -42,7 +42,7 @@ class ToySource:
         cond = self.conditioner(labels[rows]).to(device) if labels is not None else None
         real = None
         if self.with_real:
-            g = torch.Generator().manual_seed(self.seed * 7919 + step)
+            g = torch.Generator().manual_seed((self.seed * 7919 + step) % 2**63)
             real = self.mixture.sample(self.global_batch_size, class_labels=labels, generator=g)[rows].to(device)
         return Batch(noise=noise, cond=cond, rng=rng, real=real, real_cond=cond)
 
