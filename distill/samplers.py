@@ -80,11 +80,13 @@ def sample_ddim(model, noise: torch.Tensor, cond: Cond | None = None, timesteps:
 @torch.no_grad()
 def sample_euler(model, noise: torch.Tensor, cond: Cond | None = None, timesteps: Sequence | torch.Tensor = (),
                  guidance_scale: float = 1.0, s_churn: float = 0.0, generator: torch.Generator | None = None):
-    """Euler in EDM coordinates ``y = x / alpha``, ``dy/dsigma = (y - x0) / sigma`` (Karras et al. 2022, Alg. 2).
+    """Euler steps of the probability-flow ODE with optional churn (Karras et al. 2022, Algorithm 2, no Heun).
 
-    ``s_churn > 0`` raises the noise level by ``gamma = min(s_churn / N, sqrt(2) - 1)`` before each step
-    (on discrete schedules the raised level is rounded to the nearest timestep). With ``s_churn = 0``
-    this is the same ODE step as deterministic DDIM.
+    The ODE step is taken in the schedule's own coordinates (``Schedule.step_to``: for VP it is Euler in
+    EDM coordinates ``x / alpha``, for flow it is Euler on the velocity), so with ``s_churn = 0`` it is
+    deterministic DDIM. ``s_churn > 0`` first raises the noise level by ``gamma = min(s_churn / N, sqrt(2) - 1)``
+    (EDM sigma ``sigma (1 + gamma)``, rounded to a timestep on discrete schedules) with the exact forward
+    transition ``x_hat = (a_hat / a) x + sqrt(s_hat^2 - (a_hat / a)^2 s^2) eps``.
     """
     schedule = model.schedule
     ts = _times(timesteps, noise.device)
@@ -93,19 +95,19 @@ def sample_euler(model, noise: torch.Tensor, cond: Cond | None = None, timesteps
     x, batch = noise, noise.shape[0]
     for t, t_next in zip(ts, ends):
         t_b = _full(t, batch, x.device)
-        alpha, sigma = (c.to(x.dtype) for c in schedule.alpha_sigma(t_b[:1]))
-        y, sig = x / alpha, sigma / alpha
         if gamma > 0:
-            sig_hat = sig * (1 + gamma)
-            y = y + (sig_hat**2 - sig**2).sqrt() * _randn_like(y, generator)
-            t_b = _full(schedule.t_from_edm_sigma(sig_hat.double()).to(ts.dtype).reshape(()), batch, x.device)
-            alpha, sigma = (c.to(x.dtype) for c in schedule.alpha_sigma(t_b[:1]))
-            sig = sigma / alpha
-        x0 = model.guided(y * alpha, t_b, cond, guidance_scale)
-        a_n, s_n = (c.to(x.dtype) for c in schedule.alpha_sigma(_full(t_next, 1, x.device)))
-        sig_next = s_n / a_n
-        y_next = y + (sig_next - sig) * (y - x0) / sig
-        x = a_n * y_next
+            alpha, sigma = schedule.alpha_sigma(t_b[:1])
+            if float(alpha) > 0:  # at pure noise there is no higher level to raise to
+                t_hat = schedule.t_from_edm_sigma(sigma / alpha * (1 + gamma)).reshape(()).to(ts.dtype)
+                if schedule.discrete:
+                    t_hat = t_hat.clamp(max=schedule.t_max)
+                a_hat, s_hat = schedule.alpha_sigma(t_hat.reshape(1))
+                ratio = a_hat / alpha
+                extra = (s_hat**2 - ratio**2 * sigma**2).clamp_min(0).sqrt()
+                x = ratio.to(x.dtype) * x + extra.to(x.dtype) * _randn_like(x, generator)
+                t_b = _full(t_hat, batch, x.device)
+        x0 = model.guided(x, t_b, cond, guidance_scale)
+        x = schedule.step_to(x0, x, t_b, _full(t_next, batch, x.device))
     return x
 
 
