@@ -25,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metrics._util import resolve_device
-from metrics.inception import CLEAN_TRANSFORM, INCEPTION_DIM, clean_resize, load_inception
-from metrics.sources import ImageSource, Source, ValueRange, open_source
+from metrics.inception import CLEAN_TRANSFORM, INCEPTION_DIM, inception_input, load_inception
+from metrics.sources import FolderSource, ImageSource, Source, ValueRange, open_source
 from metrics.stats import RunningStats, Stats, frechet_distance
 from models.errors import ToolkitError
 
@@ -73,10 +73,9 @@ def fid(
     same result.
     """
     sources = [open_source(x, num_samples=num_samples, value_range=value_range, truncate=truncate) for x in (a, b)]
-    _check_dims(sources, *_expected_dim(extractor))
-    feature = None
-    if any(not isinstance(s, Stats) for s in sources):
-        feature = _prepare_extractor(extractor, inception_path, device)
+    needs_features = any(not isinstance(s, Stats) for s in sources)
+    _check_dims(sources, *(_expected_dim(extractor) if needs_features else (None, "")))
+    feature = _prepare_extractor(extractor, inception_path, device) if needs_features else None
     stats = [
         s if isinstance(s, Stats) else _stats_of(s, feature, batch_size, num_workers, truncate, progress)
         for s in sources
@@ -124,11 +123,19 @@ def _stats_of(
         raise ToolkitError(f"{source.describe()} has {len(source)} images, fewer than the {world_size} processes")
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1)
+    # On a CPU the decoding workers also resize (as clean-fid's folder path does), spreading the
+    # float64 resize over processes; on a GPU the uint8 images travel and are resized there.
+    resize_in_workers = feature.device.type == "cpu" and isinstance(source, FolderSource) and num_workers > 0
+    batches = source.batches(
+        batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
+        **({"transform": inception_input} if resize_in_workers else {}),
+    )
     running = RunningStats(feature.device)
     total = len(range(rank, len(source), world_size))
     with tqdm(total=total, desc=f"features {source.describe()}", unit="img", disable=not progress or rank != 0) as bar:
-        for batch in source.batches(batch_size, rank=rank, world_size=world_size, num_workers=num_workers):
-            running.update(extract_features(batch, feature.fn, feature.device))
+        for batch in batches:
+            x = batch if resize_in_workers else inception_input(batch.to(feature.device, non_blocking=True))
+            running.update(_run_extractor(feature.fn, x))
             bar.update(batch.shape[0])
     running.all_reduce()
     manifest = {
@@ -146,13 +153,16 @@ def _stats_of(
     return stats
 
 
-@torch.no_grad()
 def extract_features(images: torch.Tensor, extractor: FeatureExtractor, device: torch.device | str) -> torch.Tensor:
     """Features ``[N, D]`` of a uint8 batch ``[N, 3, H, W]``: clean resize in float64, extractor in float32."""
-    x = clean_resize(images.to(device, non_blocking=True)).to(torch.float32)
+    return _run_extractor(extractor, inception_input(images.to(device, non_blocking=True)))
+
+
+@torch.no_grad()
+def _run_extractor(extractor: FeatureExtractor, x: torch.Tensor) -> torch.Tensor:
     features = torch.as_tensor(extractor(x))
-    if features.shape[0] != images.shape[0]:
-        raise ToolkitError(f"feature extractor returned {features.shape[0]} rows for {images.shape[0]} images")
+    if features.shape[0] != x.shape[0]:
+        raise ToolkitError(f"feature extractor returned {features.shape[0]} rows for {x.shape[0]} images")
     return features.reshape(features.shape[0], -1)
 
 

@@ -47,6 +47,11 @@ def clean_resize(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tens
     return F.interpolate(x, (size, size), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 255)
 
 
+def inception_input(images: torch.Tensor) -> torch.Tensor:
+    """What the feature extractor sees: :func:`clean_resize` in float64, then float32 (as clean-fid feeds it)."""
+    return clean_resize(images).to(torch.float32)
+
+
 def cleanfid_cache_dirs() -> list[Path]:
     """Folders where clean-fid 0.1.35 keeps the downloaded weights (``features.feature_extractor``)."""
     dirs = [Path("." if platform.system() == "Windows" else "/tmp"), Path(tempfile.gettempdir())]

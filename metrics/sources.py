@@ -127,19 +127,29 @@ class FolderSource:
     def describe(self) -> str:
         return str(self.root)
 
-    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> Iterator[torch.Tensor]:
+    def batches(
+        self,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """uint8 batches; or, with ``transform``, batches of ``transform(image[None])`` computed in the workers."""
         files = [self.files[i] for i in _shard(len(self.files), rank, world_size)]
         loader = torch.utils.data.DataLoader(
-            _DecodedImages(files),
+            _DecodedImages(files, transform),
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=list,
+            collate_fn=_collate,
         )
         for items in loader:
-            for item in items:
-                if isinstance(item, str):  # a decode error from a worker, passed back as text
-                    raise ToolkitError(item)
-            # images of one batch may differ in size: yield runs of equal size
+            if isinstance(items, str):  # a decode error from a worker, passed back as text
+                raise ToolkitError(items)
+            if isinstance(items, torch.Tensor):
+                yield items
+                continue
+            # images of one batch differ in size: yield runs of equal size
             start = 0
             for end in range(1, len(items) + 1):
                 if end == len(items) or items[end].shape != items[start].shape:
@@ -147,11 +157,22 @@ class FolderSource:
                     start = end
 
 
+def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | list[torch.Tensor] | str:
+    """Stack in the worker when sizes agree (one shared-memory transfer per batch), else keep a list."""
+    for item in items:
+        if isinstance(item, str):
+            return item
+    if all(item.shape == items[0].shape for item in items):
+        return torch.stack(items)
+    return items
+
+
 class _DecodedImages(torch.utils.data.Dataset):
     """Decodes a file to uint8 ``[3, H, W]`` with ``Image.open(...).convert("RGB")`` (clean-fid's reader)."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.files = files
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.files)
@@ -163,7 +184,8 @@ class _DecodedImages(torch.utils.data.Dataset):
                 array = np.asarray(image.convert("RGB"))
         except Exception as err:  # returned, not raised: worker exceptions arrive as multi-line text
             return f"cannot read image {path}: {first_line(err)}"
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        image = torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return image if self.transform is None else self.transform(image[None])[0]
 
 
 @dataclass

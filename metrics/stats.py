@@ -144,24 +144,32 @@ def warn_if_rank_deficient(stats: Stats) -> None:
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017), in float64.
 
-    ``Tr((S1 S2)^(1/2))`` is computed in the symmetric form ``sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))``
-    with ``S1^(1/2)`` from ``eigh``: the same eigenvalues as ``S1 S2`` but a symmetric PSD matrix, so
-    two ``eigh`` calls replace scipy's ``sqrtm`` (which clean-fid uses), with no complex parts and no
-    failure on singular covariances. Tiny negative eigenvalues from rounding are clamped at 0.
+    ``Tr((S1 S2)^(1/2))`` is computed in the symmetric form ``sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))``:
+    the same eigenvalues as ``S1 S2`` but of a symmetric PSD matrix, so two ``eigh`` calls replace
+    scipy's ``sqrtm`` (which clean-fid uses), with no complex parts and no failure on singular
+    covariances. With ``S1 = V L V^T`` and ``W = V L^(1/2)``, ``S1^(1/2) S2 S1^(1/2) = V (W^T S2 W) V^T``,
+    so the eigenvalues of ``W^T S2 W`` are used (two matrix products instead of three). Tiny
+    negative eigenvalues from rounding are clamped at 0. Runs on the CPU with torch's LAPACK, so
+    ``torch.set_num_threads`` governs it. Accepts numpy arrays or tensors.
     """
-    mu1, mu2 = (np.atleast_1d(np.asarray(_to_numpy(m), dtype=np.float64)) for m in (mu1, mu2))
-    sigma1, sigma2 = (np.atleast_2d(np.asarray(_to_numpy(s), dtype=np.float64)) for s in (sigma1, sigma2))
+    mu1, mu2 = (torch.atleast_1d(_as_float64(m)) for m in (mu1, mu2))
+    sigma1, sigma2 = (torch.atleast_2d(_as_float64(s)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ToolkitError(
-            f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+            f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+            f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}"
         )
-    eigvals, eigvecs = np.linalg.eigh(sigma1)
-    sqrt_sigma1 = (eigvecs * np.sqrt(np.clip(eigvals, 0, None))) @ eigvecs.T
-    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
-    trace_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    eigvals, eigvecs = torch.linalg.eigh(sigma1)
+    w = eigvecs * eigvals.clamp(min=0).sqrt()
+    product = w.T @ sigma2 @ w
+    trace_covmean = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * trace_covmean)
+
+
+def _as_float64(x) -> torch.Tensor:
+    return torch.as_tensor(x).detach().to("cpu", torch.float64)
 
 
 def _to_numpy(x):
