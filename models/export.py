@@ -8,6 +8,8 @@
 * :func:`export_lora` -- ``pytorch_lora_weights.safetensors`` from peft's ``get_peft_model_state_dict``,
   written by the pipeline class's ``save_lora_weights`` with the adapter config as metadata, so
   ``pipe.load_lora_weights(out_dir)`` applies it with the right rank and alpha.
+* :func:`export_student` -- what ``distill export RUN`` writes: a pipeline folder (full student, LCMScheduler at
+  the student's timesteps) or LoRA weights (LoRA student), each with ``distill_student.json``.
 
 Every function accepts a bare UNet or anything wrapping one (:class:`~models.roles.Student`,
 :class:`~models.denoiser.Denoiser`, a DDP or ``torch.compile`` wrapper).
@@ -247,4 +249,62 @@ def export_lora(model: Any, out_dir: str | os.PathLike, pipeline: str | None = N
     metadata = peft_config[adapter_name].to_dict()
     _pipeline_class(pipeline, unet).save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True,
                                                       unet_lora_adapter_metadata=metadata)
+    return out_dir
+
+
+def export_student(models: Any, config: Any, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> str:
+    """Export a trained student of a run (``distill export``): a pipeline folder, or LoRA weights for a LoRA student.
+
+    * Full student: the teacher's pipeline with the student's UNet and an ``LCMScheduler`` at the student's
+      timesteps (:func:`export_pipeline`). LCM is used for one-step students too: it predicts x0 at ``t*``
+      (the teacher's own scheduler with one ``leading`` step would start at timestep 1, not at ``t*``), and
+      for several steps it re-noises with fresh noise exactly as the student was trained (METHODS.md Sec. 1).
+    * LoRA student: ``pytorch_lora_weights.safetensors`` (:func:`export_lora`) for ``load_lora_weights`` on the
+      teacher's pipeline, plus ``distill_student.json`` with the timesteps and an LCMScheduler config to use.
+
+    Args:
+        models: :class:`distill.build.Models` of a diffusers teacher (``models.pipeline`` set), student loaded.
+        config: the run's :class:`distill.config.Config`.
+        dtype: cast the exported weights (e.g. ``torch.float16``).
+    """
+    from models.roles import has_lora
+
+    pipeline = getattr(models, "pipeline", None)
+    if pipeline is None:
+        raise ToolkitError("export needs a diffusers teacher (sdxl / sd15); toy students are sampled with "
+                           "`distill sample`")
+    student = models.student
+    unet = unwrap_unet(student)
+    _require_diffusers_model(unet)
+    timesteps = [int(t) for t in student.timesteps.tolist()]
+    teacher = config.teacher.path or pipeline.path
+    note = None
+    if getattr(student, "noise_scale", "unit") != "unit":
+        note = ("the student was trained on sigma(t*)-scaled noise; pipelines feed unit noise, so scale the "
+                "initial latents by sigma(t*) (pass latents=) to reproduce `distill sample`")
+    out_dir = os.fspath(out_dir)
+    if has_lora(unet):
+        export_lora(unet, out_dir, pipeline=pipeline.kind, dtype=dtype)
+        from models.loading import load_scheduler_config
+
+        scheduler, exact = lcm_scheduler_config(load_scheduler_config(pipeline.path), timesteps)
+        call = f"num_inference_steps={len(timesteps)}" if exact else f"timesteps={timesteps}"
+        card = {"timesteps": timesteps, "guidance_scale": None, "teacher": os.fspath(teacher), "lora": True,
+                "scheduler": "LCMScheduler", "scheduler_config": {k: v for k, v in scheduler.items()
+                                                                   if not k.startswith("_")},
+                "call": call, "usage": "pipe = <Pipeline>.from_pretrained(teacher); pipe.load_lora_weights(out_dir); "
+                                       "pipe.scheduler = LCMScheduler.from_config(scheduler_config)"}
+        if note:
+            card["note"] = note
+        with open(os.path.join(out_dir, STUDENT_CARD), "w") as f:
+            json.dump(card, f, indent=2)
+        return out_dir
+    export_pipeline(pipeline.path, unet, out_dir, scheduler="lcm", timesteps=timesteps, dtype=dtype)
+    if note:
+        card_path = os.path.join(out_dir, STUDENT_CARD)
+        with open(card_path) as f:
+            card = json.load(f)
+        card["note"] = note
+        with open(card_path, "w") as f:
+            json.dump(card, f, indent=2)
     return out_dir

@@ -1,0 +1,132 @@
+"""DMD2 iteration time against the sum of its essential forward and backward passes (engine overhead).
+
+One DMD2 iteration with ``generator_every=1`` (a one-step student) must run at least
+
+* the student's forward and backward (generator step),
+* the teacher's CFG forward, batched ``[uncond; cond]`` (generator step, no grad),
+* the fake score's forward (generator step, no grad),
+* the fake score's forward and backward (critic step, denoising loss);
+
+everything else (noise, schedule conversions, conditioning copies, the loss, gradient clipping, the
+optimiser steps, the NaN guard, logging) is overhead. This script times ``Trainer.train_step`` and each
+essential pass on the same tiny SDXL UNet, shapes and thread count, interleaved repetition by repetition
+so that machine noise hits both alike, and reports ``median(iteration) / sum(median(essential))``
+(target <= 1.15). Results go to ``benchmarks/results/dmd2_overhead.json``.
+
+    python benchmarks/bench_dmd2_overhead.py [--latent 16] [--batch 4] [--reps 30] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "dmd2_overhead.json"
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latent", type=int, default=16, help="latent height/width of the tiny SDXL UNet")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--guidance", type=float, default=8.0)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from distill.build import build_run
+    from distill.config import load_config
+    from distill.engine import Trainer
+    from distill.methods.base import denoising_loss
+    from models.testing import build_tiny_sdxl
+
+    work = Path(tempfile.mkdtemp(prefix="bench_dmd2_"))
+    pipe_dir = build_tiny_sdxl(str(work / "pipe"), seed=0, sample_size=args.latent)
+    prompts = work / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car on a street\nan astronaut riding a horse\na bowl of fruit\n")
+    config = load_config(None, [
+        "teacher.kind=sdxl", f"teacher.path={pipe_dir}", "student.timesteps=[999]", "method.name=dmd2",
+        f"method.guidance_scale={args.guidance}", "method.generator_every=1", "data.kind=prompts",
+        f"data.prompts={prompts}", f"data.batch_size={args.batch}", "train.log_every=0",
+        f"train.steps={args.warmup + args.reps + 10}"])
+    models, method, data = build_run(config)
+    trainer = Trainer(method, data, config.train, config.generator_optim, config.critic_optim, work / "run",
+                      progress=False)
+    student, teacher, fake = models.student, models.teacher, models.fake_score
+
+    # fixed inputs for the essential passes, same shapes as the training batch
+    batch = data(0, slice(0, args.batch), trainer.device)
+    cond = batch.cond
+    z = batch.noise
+    t_star = student.times(0, args.batch, z.device)
+    t = torch.full((args.batch,), 500, device=z.device)
+    x_t = teacher.schedule.add_noise(z, torch.randn_like(z), t)
+
+    def student_fwd_bwd():
+        x = student.denoiser(student.input_from_noise(z), t_star, cond)
+        x.float().square().mean().backward()
+        student.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def teacher_cfg_fwd():
+        teacher(x_t, t, cond, args.guidance)
+
+    @torch.no_grad()
+    def fake_fwd():
+        fake(x_t, t, cond)
+
+    def fake_fwd_bwd():
+        denoising_loss(fake.denoiser, z, t, z, cond).backward()
+        fake.zero_grad(set_to_none=True)
+
+    essentials = {"student_fwd_bwd": student_fwd_bwd, "teacher_cfg_fwd": teacher_cfg_fwd, "fake_fwd": fake_fwd,
+                  "fake_fwd_bwd": fake_fwd_bwd}
+    times: dict[str, list[float]] = {"iteration": [], **{k: [] for k in essentials}}
+    for rep in range(args.warmup + args.reps):
+        it = _timed(trainer.train_step)
+        parts = {k: _timed(fn) for k, fn in essentials.items()}
+        if rep >= args.warmup:
+            times["iteration"].append(it)
+            for k, v in parts.items():
+                times[k].append(v)
+
+    median = {k: statistics.median(v) for k, v in times.items()}
+    essential_sum = sum(median[k] for k in essentials)
+    ratio = median["iteration"] / essential_sum
+    result = {
+        "ratio": ratio, "target": 1.15, "meets_target": ratio <= 1.15,
+        "iteration_ms": 1e3 * median["iteration"], "essential_sum_ms": 1e3 * essential_sum,
+        "essential_ms": {k: 1e3 * median[k] for k in essentials},
+        "iteration_ms_p10_p90": [1e3 * statistics.quantiles(times["iteration"], n=10)[i] for i in (0, -1)],
+        "setup": {"latent": args.latent, "batch": args.batch, "guidance": args.guidance, "reps": args.reps,
+                  "threads": args.threads, "device": str(trainer.device), "torch": torch.__version__,
+                  "cpu": platform.processor() or platform.machine(),
+                  "unet_params": sum(p.numel() for p in student.parameters())},
+    }
+    print(f"DMD2 iteration {result['iteration_ms']:.1f} ms vs essential passes {result['essential_sum_ms']:.1f} ms "
+          f"-> ratio {ratio:.3f} (target <= 1.15)")
+    for k in essentials:
+        print(f"  {k:16s} {result['essential_ms'][k]:.1f} ms")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
