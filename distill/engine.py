@@ -191,13 +191,17 @@ class Trainer:
         if self.world == 1 or not dist.is_initialized():
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        # one flag per parameter rides along: a parameter no process computed a gradient for keeps grad None,
+        # as in a single process (AdamW skips it; a zero gradient would still apply weight decay and momentum)
+        present = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=self.device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [present])
         dist.all_reduce(flat)
-        flat /= self.world
+        present = flat[-len(params):].tolist()
+        flat = flat[:-len(params)] / self.world
         offset = 0
-        for p in params:
+        for p, has_grad in zip(params, present):
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            p.grad = flat[offset:offset + n].view_as(p).clone() if has_grad else None
             offset += n
 
     def _update(self, turn: _Turn, loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]],

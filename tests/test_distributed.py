@@ -2,7 +2,8 @@
 
 The Trainer draws every random number for the global batch and keeps its rows (``BatchRNG``) and
 all-reduces gradients itself, so 2 processes x 32 rows must give the weights of 1 process x 64 rows up to
-float summation order. The test also checks that the 2-process run really ran distributed (gloo backend,
+float summation order -- including parameters that get no gradient in a step (a GAN head used only by the
+generator's term), which must stay untouched as in one process. The test also checks that the 2-process run really ran distributed (gloo backend,
 world size 2 in every rank and in the checkpoint's ``state.json``), that training moved the weights far
 more than the tolerance, and that a run with a different global batch does *not* match.
 """
@@ -29,7 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "toy_ring8_dmd2.yaml")
 TINY = ["student.net.hidden=32", "student.net.depth=2", "fake_score.net.hidden=32", "fake_score.net.depth=2",
         "method.generator_every=2", "train.ema_decay=0.9", "train.log_every=0", "train.steps=6",
-        "generator_optim.warmup_steps=0", "critic_optim.warmup_steps=0"]
+        "generator_optim.warmup_steps=0", "critic_optim.warmup_steps=0",
+        # a GAN head that only the generator's term uses: the critic step gives its parameters no gradient,
+        # which N processes must treat as one process does (no update, so no weight decay)
+        "method.gan_generator_weight=0.05", "critic_optim.weight_decay=0.5"]
 TOL = 1e-5
 
 DRIVER = textwrap.dedent("""
@@ -96,7 +100,7 @@ def test_two_processes_match_one(tmp_path, torch_single_thread):
     assert cli_main(["train", RECIPE, "--out", str(run1), "--no-progress", *TINY, "data.batch_size=64"]) == 0
     one, _, state1 = _weights(run1)
     assert state1["world_size"] == 1
-    assert set(one) == set(two) == {"student", "fake_score", "student_ema"}
+    assert set(one) == set(two) == {"student", "fake_score", "student_ema", "discriminator"}
     diff = _max_diff(one, two)
     print(f"max |2 procs - 1 proc| = {diff:.3g}")
     assert diff < TOL, f"2 processes differ from 1 by {diff}"
