@@ -1,6 +1,8 @@
 """Small helpers shared by the metrics modules."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -15,3 +17,8 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_workers() -> int:
+    """Image decoding processes when none are asked for."""
+    return min(4, os.cpu_count() or 1)

@@ -11,6 +11,7 @@ import json
 import sys
 import warnings
 
+from metrics._util import default_workers
 from metrics.clip_score import CONVENTIONS, DEFAULT_MODEL, DEFAULT_PRETRAINED, clip_score
 from metrics.fid import compute_stats, fid
 from metrics.inception import INCEPTION_ENV, INCEPTION_FILENAME
@@ -102,7 +103,7 @@ def run_clip(args: argparse.Namespace) -> int:
             prefix=args.prefix,
             quick_gelu=True if args.quickgelu else None,
             batch_size=args.batch_size,
-            num_workers=args.workers or 0,
+            num_workers=default_workers() if args.workers is None else args.workers,
             device=args.device,
             progress=not args.no_progress,
         )

@@ -1,7 +1,8 @@
 """FID (Heusel et al. 2017) computed the way clean-fid computes it (Parmar et al. 2022, mode ``clean``).
 
-Pipeline per batch: uint8 RGB -> :func:`metrics.inception.clean_resize` on the compute device (float64)
--> float32 feature extractor (InceptionV3 pool3 by default) -> float64 running sums
+Pipeline per batch: uint8 RGB -> :func:`metrics.inception.clean_resize` in float64 on the compute
+device (on a CPU, folder images are resized by the decoding workers) -> float32 feature extractor
+(InceptionV3 pool3 by default) -> float64 running sums
 (:class:`metrics.stats.RunningStats`), all-reduced across processes -> mean/covariance ->
 :func:`metrics.stats.frechet_distance`. Nothing is written to disk, so a generator can be evaluated
 during training without PNGs.
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from metrics._util import resolve_device
+from metrics._util import default_workers, resolve_device
 from metrics.inception import CLEAN_TRANSFORM, INCEPTION_DIM, inception_input, load_inception
 from metrics.sources import FolderSource, ImageSource, Source, ValueRange, open_source
 from metrics.stats import RunningStats, Stats, frechet_distance
@@ -122,7 +123,7 @@ def _stats_of(
     if len(source) < world_size:
         raise ToolkitError(f"{source.describe()} has {len(source)} images, fewer than the {world_size} processes")
     if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1)
+        num_workers = default_workers()
     # On a CPU the decoding workers also resize (as clean-fid's folder path does), spreading the
     # float64 resize over processes; on a GPU the uint8 images travel and are resized there.
     resize_in_workers = feature.device.type == "cpu" and isinstance(source, FolderSource) and num_workers > 0

@@ -56,6 +56,8 @@ def to_uint8(images: torch.Tensor, value_range: ValueRange | None = None, trunca
     if value_range is None:
         raise ToolkitError("float images need value_range, e.g. (-1, 1), (0, 1) or (0, 255)")
     lo, hi = value_range
+    if images.element_size() < 4:  # float16/bfloat16 cannot hold x * 127.5 precisely enough to round right
+        images = images.float()
     x = (images - lo) * (255.0 / (hi - lo))
     x = x.clamp_(0, 255)
     return (x.floor_() if truncate else x.round_()).to(torch.uint8)

@@ -169,6 +169,7 @@ def test_in_memory_sources_agree_with_folder(tmp_path):
     net = random_extractor(dim=8)
     kw = dict(extractor=net, device="cpu", progress=False, batch_size=5)
     from_folder = metrics.compute_stats(folder, num_workers=0, **kw)
+    resized_in_workers = metrics.compute_stats(folder, num_workers=2, **kw)  # CPU: workers resize too
     from_uint8 = metrics.compute_stats(uint8, **kw)
     from_float = metrics.compute_stats(as_float, value_range=(-1, 1), **kw)
     cursor = iter(range(0, len(uint8), 1))
@@ -180,7 +181,7 @@ def test_in_memory_sources_agree_with_folder(tmp_path):
         return as_float[start : start + batch_size].float()
 
     from_gen = metrics.compute_stats(generate, num_samples=len(uint8), value_range=(-1, 1), **kw)
-    for other in (from_uint8, from_float, from_gen):
+    for other in (resized_in_workers, from_uint8, from_float, from_gen):
         np.testing.assert_allclose(other.mu, from_folder.mu, rtol=0, atol=1e-10)
         np.testing.assert_allclose(other.sigma, from_folder.sigma, rtol=0, atol=1e-10)
         assert other.n == 24
@@ -195,6 +196,9 @@ def test_quantisation_round_and_truncate():
     assert to_uint8(x, (-1, 1)).tolist() == [0, 0, 128, 191, 255, 255]  # 127.5 rounds to even 128
     assert to_uint8(x, (-1, 1), truncate=True).tolist() == [0, 0, 127, 191, 255, 255]
     assert to_uint8(torch.tensor([0.0, 1.0]), (0, 1)).tolist() == [0, 255]
+    levels = torch.arange(256, dtype=torch.uint8)
+    for dtype in (torch.float16, torch.bfloat16):  # half-precision generator outputs keep every level
+        assert torch.equal(to_uint8((levels.float() / 127.5 - 1).to(dtype), (-1, 1)), levels)
 
 
 def test_source_validation_errors():
@@ -210,7 +214,7 @@ def test_source_validation_errors():
     with pytest.raises(ToolkitError, match="asked for"):
         metrics.compute_stats(bad_count, extractor=random_extractor(), device="cpu", progress=False)
     with pytest.warns(UserWarning, match="value_range"):
-        metrics.compute_stats(torch.full((4, 3, 8, 8), 200.0), value_range=(0, 1), extractor=random_extractor(),
+        metrics.compute_stats(torch.full((4, 3, 8, 8), 200.0), value_range=(0, 1), extractor=random_extractor(dim=2),
                               device="cpu", progress=False)
 
 
