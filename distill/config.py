@@ -67,6 +67,7 @@ class WarmStartConfig:
     ode_steps: int = 50  # teacher DDIM steps for the targets
     lr: float = 1e-3
     guidance_scale: float = 1.0
+    pairs: int = 0  # > 0: a fixed set of this many noise -> sample pairs, made once (DMD's regression data)
 
 
 @dataclass

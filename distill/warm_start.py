@@ -15,10 +15,30 @@ from distill.config import WarmStartConfig
 from distill.samplers import sample_ddim
 
 
+def _pair_batches(teacher, data, config: WarmStartConfig, timesteps, device):
+    """Yield (batch, target) forever: from a fixed pool of ``config.pairs`` pairs, or fresh pairs each step."""
+    rows = slice(0, data.global_batch_size)
+    if config.pairs <= 0:
+        step = 0
+        while True:
+            # negative steps keep warm-start batches apart from the training batches of the same run
+            batch = data(-1 - step, rows, device)
+            yield batch, sample_ddim(teacher, batch.noise, batch.cond, timesteps, config.guidance_scale)
+            step += 1
+    pool = []
+    for i in range(-(-config.pairs // data.global_batch_size)):
+        batch = data(-1 - i, rows, device)
+        pool.append((batch, sample_ddim(teacher, batch.noise, batch.cond, timesteps, config.guidance_scale)))
+    while True:
+        yield from pool
+
+
 def regression_warm_start(student, teacher, data, config: WarmStartConfig, device=None, progress: bool = True) -> float:
     """Train ``student`` (its first step) to reproduce ``teacher``'s DDIM output from the same noise.
 
-    Uses batches ``data(step, rows, device)`` for noise and conditioning; returns the last loss.
+    Noise and conditioning come from the run's batch source ``data(step, rows, device)``. With
+    ``config.pairs > 0`` a fixed set of noise -> sample pairs is made once and cycled over (DMD's
+    precomputed regression dataset); otherwise every step makes fresh pairs. Returns the last loss.
     """
     if config.steps <= 0:
         return float("nan")
@@ -27,12 +47,10 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
     timesteps = schedule.inference_timesteps(config.ode_steps, **spacing)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr)
-    rows = slice(0, data.global_batch_size)
+    pairs = _pair_batches(teacher, data, config, timesteps, device)
     loss = torch.tensor(float("nan"))
-    for step in tqdm(range(config.steps), desc="warm start", disable=not progress):
-        # negative steps keep warm-start batches apart from the training batches of the same run
-        batch = data(-1 - step, rows, device)
-        target = sample_ddim(teacher, batch.noise, batch.cond, timesteps, config.guidance_scale)
+    for _ in tqdm(range(config.steps), desc="warm start", disable=not progress):
+        batch, target = next(pairs)
         loss = ((student(batch.noise, batch.cond) - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
