@@ -173,8 +173,11 @@ def main() -> None:
     parser.add_argument("--extractor", choices=["small", "inception-arch"], default="small")
     parser.add_argument("--device", default=None, help="default: CUDA when present, else CPU")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per path (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     extractor = small_extractor() if args.extractor == "small" else inception_arch_extractor()

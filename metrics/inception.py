@@ -42,9 +42,9 @@ def clean_resize(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tens
     antialiased bicubic kernel at scale 1 is the identity).
     """
     x = images.to(torch.float64)
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x, (size, size), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 255)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, (size, size), mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp_(0, 255)
 
 
 def inception_input(images: torch.Tensor) -> torch.Tensor:

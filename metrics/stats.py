@@ -74,6 +74,7 @@ class Stats:
             raise ToolkitError(
                 f"{path} holds {stats.dim}-d statistics but the feature extractor gives {expected_dim}-d features"
             )
+        warn_if_rank_deficient(stats)
         return stats
 
     @classmethod
@@ -89,7 +90,9 @@ class RunningStats:
     """Streaming float64 sum and ``X^T X`` of feature rows, all-reduced across processes.
 
     Keeping the sums instead of the features makes memory independent of the sample count and the
-    multi-process result the exact sum of the per-process parts.
+    multi-process result the exact sum of the per-process parts. ``(X^T X - n mu mu^T) / (n - 1)``
+    loses about ``|mu|^2 / var`` of float64's 16 digits to cancellation, harmless for Inception
+    features (mean and spread of the same order).
     """
 
     def __init__(self, device: torch.device | str = "cpu"):

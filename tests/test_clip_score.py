@@ -15,6 +15,10 @@ import metrics
 from metrics.clip_score import ClipModel, resolve_model
 from models.errors import ToolkitError
 
+# Correctness tests: one intra-op thread (conftest); on a small shared machine two threads per
+# process oversubscribe the cores and make LAPACK and small resizes many times slower.
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLIP = dict(
     embed_dim=16,

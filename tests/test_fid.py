@@ -27,6 +27,10 @@ from models.errors import ToolkitError
 fid_module = importlib.import_module("metrics.fid")
 inception_module = importlib.import_module("metrics.inception")
 
+# Correctness tests: one intra-op thread (conftest); on a small shared machine two threads per
+# process oversubscribe the cores and make LAPACK and small resizes many times slower.
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 SIZES = [(32, 32), (64, 48), (299, 299), (320, 256), (17, 90), (128, 128)]
 
 
@@ -103,7 +107,6 @@ np.savez(sys.argv[1], mu1=mu1, s1=s1, mu2=mu2, s2=s2, reference=reference)
 """
 
 
-@pytest.mark.usefixtures("torch_single_thread")
 def test_frechet_distance_matches_scipy_sqrtm(tmp_path):
     """2048-d statistics of 5000 samples: ours (eigh) against clean-fid's scipy ``sqrtm`` formula."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -261,6 +264,7 @@ def test_inception_path_lookup_order(tmp_path, monkeypatch):
 
 
 def _two_process_worker(rank: int, world_size: int, init_file: str, folder: str, out: str) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         stats = metrics.compute_stats(folder, extractor=random_extractor(), device="cpu", num_workers=0,

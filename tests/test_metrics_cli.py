@@ -21,6 +21,10 @@ import metrics
 from distill.cli import main
 from metrics.inception import INCEPTION_ENV, INCEPTION_FILENAME, INCEPTION_URL
 
+# Correctness tests: one intra-op thread (conftest); on a small shared machine two threads per
+# process oversubscribe the cores and make LAPACK and small resizes many times slower.
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 inception_module = sys.modules["metrics.inception"]
 
@@ -124,7 +128,6 @@ def test_missing_inception_weights_offline(offline, capsys):
     assert_one_line_error(code, err, INCEPTION_FILENAME, INCEPTION_URL, str(offline / "no-such"), str(offline / "cleanfid-tmp"))
 
 
-@pytest.mark.usefixtures("torch_single_thread")  # 2048-d Frechet distances: one LAPACK thread on a shared box
 def test_fid_and_fid_stats_commands(offline, fake_inception, capsys):
     mixed = write_images(offline / "mixed", 12, seed=3, modes=("RGB", "L", "RGBA", "P"))
     as_rgb = offline / "as_rgb"
