@@ -47,9 +47,21 @@ def clean_resize(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tens
     return x.clamp_(0, 255)
 
 
+CPU_CHUNK = 4  # images resized at once on a CPU: the float64 working set then stays in cache
+
+
 def inception_input(images: torch.Tensor) -> torch.Tensor:
-    """What the feature extractor sees: :func:`clean_resize` in float64, then float32 (as clean-fid feeds it)."""
-    return clean_resize(images).to(torch.float32)
+    """What the feature extractor sees: :func:`clean_resize` in float64, then float32 (as clean-fid feeds it).
+
+    On a CPU the batch is resized a few images at a time, about twice as fast as one large batch
+    (whose float64 intermediates do not fit in cache); values are identical either way.
+    """
+    if images.device.type != "cpu":
+        return clean_resize(images).to(torch.float32)
+    out = torch.empty((images.shape[0], images.shape[1], INCEPTION_SIZE, INCEPTION_SIZE), dtype=torch.float32)
+    for start in range(0, images.shape[0], CPU_CHUNK):
+        out[start : start + CPU_CHUNK] = clean_resize(images[start : start + CPU_CHUNK])
+    return out
 
 
 def cleanfid_cache_dirs() -> list[Path]:
