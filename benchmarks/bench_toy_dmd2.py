@@ -1,6 +1,6 @@
 """DMD2 on analytic teachers with the recipes' defaults: quality against the truth, and training time.
 
-Rows: ring8 one step, ring8 four steps (backward simulation; also evaluated at 1 and 2 of its steps),
+Rows: ring8 one step (with the two ablations: warm start only, DMD2 without warm start), ring8 four steps (backward simulation; also evaluated at 1 and 2 of its steps),
 explicit teachers (5 unequal modes in 2-D, 4 modes in 3-D) and the two-class CFG recipe (against the
 teacher's guided DDIM samples). Targets (issue): energy <= 0.005, precision >= 0.95, every mode weight
 within 0.03, trained in at most 2 minutes on 2 CPU cores.
@@ -27,6 +27,9 @@ EXPLICIT_3D = ["teacher.preset=null", "teacher.means=[[1,0,0],[0,1,0],[0,0,1],[-
 
 CASES = {
     "ring8": ("recipes/toy_ring8_dmd2.yaml", []),
+    # ablations: what the regression warm start alone gives, and DMD2 alone (same total budget)
+    "ring8-warm-only": ("recipes/toy_ring8_dmd2.yaml", ["train.steps=0"]),
+    "ring8-dmd-only": ("recipes/toy_ring8_dmd2.yaml", ["student.warm_start.steps=0", "train.steps=4000"]),
     "ring8-4step": ("recipes/toy_ring8_dmd2_4step.yaml", []),
     "unequal5-2d": ("recipes/toy_ring8_dmd2.yaml", EXPLICIT_5),
     "modes4-3d": ("recipes/toy_ring8_dmd2.yaml", EXPLICIT_3D),
