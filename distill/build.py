@@ -136,7 +136,7 @@ def _diffusers_student_denoiser(base: Denoiser, config: Config) -> Denoiser:
     with torch.no_grad():
         for param in student.time_embedding.cond_proj.parameters():
             param.zero_()
-    student.to(device=next(unet.parameters()).device, dtype=torch.float32).train().requires_grad_(True)
+    student.to(next(unet.parameters()).device).train().requires_grad_(True)  # fp32, as created
     return Denoiser(student, base.schedule, base.prediction_type)
 
 

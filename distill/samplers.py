@@ -9,7 +9,9 @@ The same functions serve analytic, toy and diffusers-backed models.
 * :func:`sample_euler` -- Euler on the probability-flow ODE in EDM coordinates (Karras et al. 2022,
   Algorithm 2 without the Heun correction), with optional churn ``s_churn``.
 * :func:`sample_student` -- one-step / multi-step student: predict x0, re-noise it with **fresh** noise to
-  the next timestep (DMD2 Sec. 4.4; LCM's multistep sampler, Luo et al. 2023, Algorithm 1).
+  the next timestep (DMD2 Sec. 4.4; LCM's multistep sampler, Luo et al. 2023, Algorithm 1). A consistency
+  student's denoiser (:class:`distill.methods.consistency.ConsistencyDenoiser`) applies LCM's boundary
+  scalings itself, so this is exactly ``LCMScheduler`` sampling of the exported UNet.
 * :func:`sample_hybrid` -- teacher for the first step(s), then the student (Distilling Diversity and
   Control, 2025).
 """
