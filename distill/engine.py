@@ -204,6 +204,15 @@ class Trainer:
             p.grad = flat[offset:offset + n].view_as(p).clone() if has_grad else None
             offset += n
 
+    def _all_finite(self, *values: float) -> bool:
+        """True when every value is finite in every process: all processes skip the same steps."""
+        finite = all(math.isfinite(v) for v in values)
+        if self.world > 1 and dist.is_initialized():
+            flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item() > 0)
+        return finite
+
     def _update(self, turn: _Turn, loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]],
                 batches: list[Batch]) -> dict:
         """Backward over micro-batches, sync, clip, NaN guard, step. Returns logs (floats)."""
@@ -218,7 +227,7 @@ class Trainer:
         self._all_reduce_grads(turn.params)
         norm = torch.nn.utils.clip_grad_norm_(turn.params, turn.grad_clip if turn.grad_clip > 0 else float("inf"))
         logs[f"{turn.name}_grad_norm"] = float(norm)
-        if not math.isfinite(float(norm)) or not math.isfinite(logs[f"{turn.name}_loss"]):
+        if not self._all_finite(float(norm), logs[f"{turn.name}_loss"]):
             turn.optimizer.zero_grad(set_to_none=True)
             logs["skipped"] = 1.0
             return logs
