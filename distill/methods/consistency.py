@@ -237,10 +237,6 @@ class ConsistencyDistillation(Method):
         w = config.sample_w if config.sample_w is not None else 0.5 * (config.w_min + config.w_max)
         student.denoiser = as_consistency_denoiser(student.denoiser, config.timestep_scaling, config.sigma_data, w)
 
-    @classmethod
-    def prepare_models(cls, models, config: ConsistencyConfig) -> None:
-        cls.prepare_student(models.student, config)
-
     # ------------------------------------------------------------------ helpers
     def _index_cdf(self, schedule) -> torch.Tensor:
         """Cumulative iCT lognormal probabilities of the grid intervals ``(t_{n-k}, t_n]``."""
