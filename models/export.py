@@ -299,7 +299,12 @@ def export_student(models: Any, config: Any, out_dir: str | os.PathLike, dtype: 
         with open(os.path.join(out_dir, STUDENT_CARD), "w") as f:
             json.dump(card, f, indent=2)
         return out_dir
-    export_pipeline(pipeline.path, unet, out_dir, scheduler="lcm", timesteps=timesteps, dtype=dtype)
+    guidance = None
+    if getattr(unet.config, "time_cond_proj_dim", None) and hasattr(student.denoiser, "guidance_w"):
+        # a w-conditioned (LCM) student: pipelines pass the embedding of guidance_scale - 1 as timestep_cond
+        guidance = float(student.denoiser.guidance_w) + 1.0
+    export_pipeline(pipeline.path, unet, out_dir, scheduler="lcm", timesteps=timesteps, guidance_scale=guidance,
+                    dtype=dtype)
     if note:
         card_path = os.path.join(out_dir, STUDENT_CARD)
         with open(card_path) as f:

@@ -135,7 +135,9 @@ def _pipeline(folder, lcm=False):
 
 
 def test_sdxl_lcm_student_exports_and_matches_lcm_scheduler(tiny_sdxl_dir, tmp_path):
-    from models.export import export_pipeline
+    import json
+
+    from models.export import STUDENT_CARD, export_student
 
     config = _sdxl_config(tiny_sdxl_dir, tmp_path, "sdxl_lcm.yaml", ["generator_optim.lr=1e-3"])
     models, method, _, logs = _train(config, tmp_path / "run")
@@ -146,8 +148,9 @@ def test_sdxl_lcm_student_exports_and_matches_lcm_scheduler(tiny_sdxl_dir, tmp_p
 
     timesteps = [999, 759, 499, 259]
     w = config.method["sample_w"]
-    out = export_pipeline(tiny_sdxl_dir, models.student, tmp_path / "pipe", scheduler="lcm", timesteps=timesteps,
-                          guidance_scale=w + 1)
+    out = export_student(models, config, tmp_path / "pipe")  # what `distill export` writes
+    card = json.loads((Path(out) / STUDENT_CARD).read_text())
+    assert card["timesteps"] == timesteps and card["guidance_scale"] == w + 1  # pipelines embed guidance_scale - 1
     pipe = _pipeline(out)
     assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.unet.config.time_cond_proj_dim == 256
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
