@@ -41,6 +41,15 @@ the student's own multi-step samples (no gradient), a data-free variant: the con
 on every ODE trajectory, so any spread of start points is a valid objective; it only changes where the
 student is accurate.
 
+Optional iCT loss weighting ``lambda(t_n) = 1 / (sigma(t_n) - sigma(t_{n-k}))`` (iCT Sec. 3.2), normalised to
+mean 1 over the grid (``weighting = "ict"``).
+
+Toy students (analytic teachers, ``recipes/toy_ring8_lcm.yaml``): measured on ring8, a student that starts as
+the exact teacher's x0 plus a zero-initialised residual MLP (``student.init: teacher``, the analogue of copying
+the teacher's weights) beats a fresh MLP (4-step precision 0.91 vs 0.77 at equal cost); for 2-D data L2 beats
+LCM's pseudo-Huber with ``c = 0.001`` (effectively L1: 0.91 vs 0.80); iCT's lognormal index sampling adds
+~0.03; the EMA decay 0.95 beats 0.99 (slow propagation) and an online target (unstable).
+
 There is no critic (``critic_loss`` returns None, ``needs_fake_score = False``); the method runs in the
 same :class:`~distill.engine.Trainer` as DMD2.
 """
