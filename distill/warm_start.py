@@ -15,30 +15,51 @@ from distill.config import WarmStartConfig
 from distill.samplers import sample_ddim
 
 
-def _pair_batches(teacher, data, config: WarmStartConfig, timesteps, device):
-    """Yield (batch, target) forever: from a fixed pool of ``config.pairs`` pairs, or fresh pairs each step."""
+def _ode_from(teacher, x: torch.Tensor, t_start, timesteps: torch.Tensor, cond, guidance: float) -> torch.Tensor:
+    """Teacher DDIM from ``x`` at ``t_start`` down to clean data, over the grid points below ``t_start``."""
+    t_start = torch.as_tensor(t_start, dtype=timesteps.dtype).reshape(1)
+    return sample_ddim(teacher, x, cond, torch.cat([t_start, timesteps[timesteps < t_start]]), guidance)
+
+
+def _make_pairs(student, teacher, batch, timesteps, guidance: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, target) for every student step: step 0 maps the noise to the teacher's ODE sample; step k > 0
+    maps that sample re-noised to ``t_k`` (fresh noise, as in multi-step sampling) to the ODE from ``t_k``."""
+    x0 = sample_ddim(teacher, batch.noise, batch.cond, timesteps, guidance)
+    pairs = [(student.input_from_noise(batch.noise), x0)]
+    for k in range(1, student.num_steps):
+        t_k = student.timesteps[k]
+        x_t = teacher.schedule.add_noise(x0, batch.rng.fork(2000 + k).randn_like(x0),
+                                         t_k.expand(x0.shape[0]).to(x0.device))
+        pairs.append((x_t, _ode_from(teacher, x_t, t_k, timesteps, batch.cond, guidance)))
+    return pairs
+
+
+def _pair_batches(student, teacher, data, config: WarmStartConfig, timesteps, device):
+    """Yield (batch, pairs per step) forever: from a fixed pool of ``config.pairs`` pairs, or fresh pairs each step."""
     rows = slice(0, data.global_batch_size)
     if config.pairs <= 0:
         step = 0
         while True:
             # negative steps keep warm-start batches apart from the training batches of the same run
             batch = data(-1 - step, rows, device)
-            yield batch, sample_ddim(teacher, batch.noise, batch.cond, timesteps, config.guidance_scale)
+            yield batch, _make_pairs(student, teacher, batch, timesteps, config.guidance_scale)
             step += 1
     pool = []
     for i in range(-(-config.pairs // data.global_batch_size)):
         batch = data(-1 - i, rows, device)
-        pool.append((batch, sample_ddim(teacher, batch.noise, batch.cond, timesteps, config.guidance_scale)))
+        pool.append((batch, _make_pairs(student, teacher, batch, timesteps, config.guidance_scale)))
     while True:
         yield from pool
 
 
 def regression_warm_start(student, teacher, data, config: WarmStartConfig, device=None, progress: bool = True) -> float:
-    """Train ``student`` (its first step) to reproduce ``teacher``'s DDIM output from the same noise.
+    """Train ``student`` to reproduce ``teacher``'s DDIM output, at each of its steps.
 
     Noise and conditioning come from the run's batch source ``data(step, rows, device)``. With
     ``config.pairs > 0`` a fixed set of noise -> sample pairs is made once and cycled over (DMD's
-    precomputed regression dataset); otherwise every step makes fresh pairs. Returns the last loss.
+    precomputed regression dataset); otherwise every step makes fresh pairs. Multi-step students regress
+    every step (each iteration trains all of them): the step at ``t_k`` sees a teacher sample re-noised to
+    ``t_k`` and learns the teacher's ODE from there. Returns the last loss.
     """
     if config.steps <= 0:
         return float("nan")
@@ -47,11 +68,14 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
     timesteps = schedule.inference_timesteps(config.ode_steps, **spacing)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr)
-    pairs = _pair_batches(teacher, data, config, timesteps, device)
+    pairs = _pair_batches(student, teacher, data, config, timesteps, device)
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(config.steps), desc="warm start", disable=not progress):
-        batch, target = next(pairs)
-        loss = ((student(batch.noise, batch.cond) - target) ** 2).mean()
+        batch, per_step = next(pairs)
+        loss = 0.0
+        for k, (x_in, target) in enumerate(per_step):
+            pred = student.denoiser(x_in, student.times(k, batch.size, x_in.device), batch.cond)
+            loss = loss + ((pred - target) ** 2).mean() / len(per_step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
