@@ -11,16 +11,18 @@ import torch
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Squared energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (Szekely & Rizzo 2013), unbiased within sets.
+    """Squared energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (Szekely & Rizzo 2013), V-statistic.
 
-    Zero in expectation iff the distributions are equal. Samples are flattened to vectors.
+    All pairs are averaged, the zero diagonal included, so the value is never negative and two samples
+    of the same distribution give a positive floor of about ``E|X-X'| (1/n + 1/m)`` (about 0.0005 for
+    ring8 with 4000 + 4000 samples): the scale the targets in the issues are stated on.
+    Samples are flattened to vectors.
     """
     x = x.reshape(x.shape[0], -1).double()
     y = y.reshape(y.shape[0], -1).double()
-    n, m = x.shape[0], y.shape[0]
     xy = torch.cdist(x, y).mean()
-    xx = torch.cdist(x, x).sum() / (n * (n - 1))
-    yy = torch.cdist(y, y).sum() / (m * (m - 1))
+    xx = torch.cdist(x, x).mean()
+    yy = torch.cdist(y, y).mean()
     return float(2 * xy - xx - yy)
 
 
