@@ -16,35 +16,9 @@ from distill.engine import Trainer
 from distill.methods.base import Batch, BatchRNG, Method
 from models.errors import ToolkitError
 
-# A frozen toy DMD2 recipe (ring8 teacher), written per test module: recipes/*.yaml are tuned by hand and
-# must not change what these tests measure (a warm start there would also cost minutes).
-TOY_RECIPE = """
-teacher:
-  kind: gmm
-  preset: ring8
-  schedule: {kind: vp, beta_schedule: linear, beta_start: 1.0e-4, beta_end: 0.02}
-student:
-  timesteps: [999]
-  net: {kind: mlp, hidden: 32, depth: 2, prediction_type: v_prediction}
-fake_score:
-  init: teacher
-  net: {kind: mlp, hidden: 32, depth: 2, prediction_type: v_prediction}
-method: {name: dmd2, guidance_scale: 1.0, generator_every: 3}
-data: {kind: toy, batch_size: 64}
-train: {steps: 8, seed: 0, log_every: 0}
-generator_optim: {lr: 1.0e-3, weight_decay: 0.0, warmup_steps: 0, grad_clip: 10.0}
-critic_optim: {lr: 2.0e-3, weight_decay: 0.0, warmup_steps: 0, grad_clip: 10.0}
-"""
-RECIPE = ""  # path of TOY_RECIPE, set by the module fixture below
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _toy_recipe(tmp_path_factory):
-    global RECIPE
-    path = tmp_path_factory.mktemp("recipe") / "toy_dmd2.yaml"
-    path.write_text(TOY_RECIPE)
-    RECIPE = str(path)
-    yield
+# A frozen toy DMD2 recipe (ring8 teacher): recipes/*.yaml are tuned by hand and must not change what
+# these tests measure (a warm start there would also cost minutes).
+RECIPE = str(Path(__file__).resolve().parent / "recipes" / "toy_dmd2_frozen.yaml")
 
 
 class Data:
