@@ -24,8 +24,8 @@ from distill.toy_eval import evaluate, train_toy
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 SID_RECIPE, SIM_RECIPE = "recipes/toy_ring8_sid.yaml", "recipes/toy_ring8_sim.yaml"
-SHORT = ["student.warm_start.steps=1200", "student.warm_start.pairs=8192", "student.warm_start.ode_steps=100",
-         "train.steps=400", "train.log_every=0", "train.ema_decay=0.99"]
+SHORT = ["student.warm_start.steps=800", "student.warm_start.pairs=4096", "student.warm_start.ode_steps=100",
+         "train.steps=300", "train.log_every=0", "train.ema_decay=0.98", "generator_optim.warmup_steps=100"]
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +126,15 @@ def test_ring8_one_step(tmp_path, recipe):
     assert report.precision >= 0.9, report
     assert report.max_weight_error <= 0.05, report
     assert report.coverage == 8
-    assert run.trainer.step == 400
+    assert run.trainer.step == 300
 
 
 # ---------------------------------------------------------------------------------------------- tiny SDXL
 PROMPTS = ["a photo of a cat", "a red car on a street", "an astronaut riding a horse", "a bowl of fruit"]
 
 
-def tiny_sdxl_recipe(src: str, tiny_sdxl_dir: str, folder: Path) -> Path:
+def tiny_sdxl_recipe(src: str, tiny_sdxl_dir: str, folder: Path, method: dict | None = None,
+                     student: dict | None = None) -> Path:
     """The SDXL recipe ``src`` on the tiny pipeline: batch 2, fp32, lr 1e-4 (so that 3 steps move the weights)."""
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     config = yaml.safe_load(Path(src).read_text())
@@ -142,6 +143,8 @@ def tiny_sdxl_recipe(src: str, tiny_sdxl_dir: str, folder: Path) -> Path:
     config["train"].update(steps=3, log_every=1, checkpoint_every=0, mixed_precision="no", ema_decay=0.9)
     config["generator_optim"].update(lr=1e-4, warmup_steps=0)
     config["critic_optim"].update(lr=1e-4, warmup_steps=0)
+    config["method"].update(method or {})
+    config["student"].update(student or {})
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
