@@ -45,7 +45,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig):
     """AdamW with a constant LR after a linear warm-up (DMD2's settings by default in the recipes)."""
     if not params:
         return None, None
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+    kwargs = dict(lr=cfg.lr, betas=tuple(float(b) for b in cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
     try:  # one fused kernel over all parameters: the per-tensor loop cost ~4x more (2/3 of DMD2's overhead on CPU)
         opt = torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
