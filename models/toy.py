@@ -125,6 +125,7 @@ class TeacherResidual(nn.Module):
         nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
-        with torch.no_grad():
-            base = self.teacher_backbone(x, timestep, class_labels)
+        # no torch.no_grad here: SiD and SIM differentiate the fake score with respect to its input x, and that
+        # gradient must include the teacher part (its parameters are frozen above, so nothing else flows)
+        base = self.teacher_backbone(x, timestep, class_labels)
         return base + self.net(x, self.schedule.model_timestep(timestep), class_labels)

@@ -17,6 +17,7 @@ from distill import checkpoint as ckpt
 from distill.build import build_run, method_class
 from distill.cli import main as cli_main
 from distill.config import load_config
+from distill.methods.base import pooled_by_time
 from distill.methods.sid import SiD, SiDConfig
 from distill.methods.sim import SIM, SIMConfig, sim_direction
 from distill.toy_eval import evaluate, train_toy
@@ -116,6 +117,21 @@ def test_karras_times_follow_sid():
     sigma = models.teacher.schedule.edm_sigma(t)
     assert int(t.min()) == 0 and sigma.max() <= 24.5 and sigma.max() > 15
     assert 0.35 < float((sigma < 1.0).double().mean()) < 0.65  # Karras' rho = 7 spacing: median sigma ~ 1
+
+
+def test_pooled_normaliser_averages_neighbours_in_time():
+    values = torch.tensor([5.0, 1.0, 3.0, 7.0, 2.0])
+    t = torch.tensor([40, 10, 30, 50, 20])  # time order: 1, 2, 3, 5, 7
+    torch.testing.assert_close(pooled_by_time(values, t, 1), values)
+    torch.testing.assert_close(pooled_by_time(values, t, 3), torch.tensor([5.0, 2.0, 10 / 3, 5.0, 2.0]))
+    torch.testing.assert_close(pooled_by_time(values, t, 99), values.mean().expand(5))
+    # SiD with the pooled normaliser: the per-sample weight is shared by samples at the same time
+    x, y = torch.randn(64, 2), torch.randn(64, 2)
+    same_t = torch.full((64,), 500)
+    method = SiD.__new__(SiD)
+    method.config = SiDConfig(normaliser="sid_pooled", normaliser_pool=64)
+    wf = method.normaliser(x, y, same_t)
+    torch.testing.assert_close(wf, (x - y).abs().mean().expand(64))
 
 
 @pytest.mark.parametrize("recipe", [SID_RECIPE, SIM_RECIPE], ids=["sid", "sim"])

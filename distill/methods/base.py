@@ -128,6 +128,22 @@ def denoising_loss(denoiser, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tenso
     return per_sample.mean()
 
 
+def pooled_by_time(values: torch.Tensor, t: torch.Tensor, pool: int) -> torch.Tensor:
+    """Each of ``values`` [B] replaced by the mean over the ``pool`` samples nearest in ``t`` (itself included):
+    a moving average in time order, with the window shifted inwards at both ends."""
+    n = values.shape[0]
+    pool = min(pool, n)
+    if pool <= 1:
+        return values
+    order = torch.argsort(t.detach().double(), stable=True)
+    sums = torch.cat([values.new_zeros(1), values[order].double().cumsum(0)])
+    start = (torch.arange(n, device=values.device) - pool // 2).clamp(0, n - pool)
+    pooled = ((sums[start + pool] - sums[start]) / pool).to(values.dtype)
+    out = torch.empty_like(values)
+    out[order] = pooled
+    return out
+
+
 def generate(student, batch: Batch, grad: bool = True, backward_simulation: bool = True) -> torch.Tensor:
     """The generator's x0 for ``batch`` (with gradient when ``grad``).
 

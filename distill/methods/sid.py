@@ -47,4 +47,4 @@ class SiD(ScoreImplicitMethod):
     config_class = SiDConfig
 
     def per_sample_loss(self, x, y_real, y_fake, t):
-        return sid_loss(x, y_real, y_fake, self.config.alpha, self.normaliser(x, y_real))
+        return sid_loss(x, y_real, y_fake, self.config.alpha, self.normaliser(x, y_real, t))

@@ -83,5 +83,5 @@ class SIM(ScoreImplicitMethod):
         sigma = self.edm_sigma(t, x)
         c = cfg.huber_c * (math.sqrt(x[0].numel()) if cfg.huber_c_per_dim else 1.0)
         direction = sim_direction(y_real - y_fake, sigma, cfg.distance, c, cfg.detach_norm)
-        loss = sample_mean(direction * (y_fake - x)) / self.normaliser(x, y_real)
+        loss = sample_mean(direction * (y_fake - x)) / self.normaliser(x, y_real, t)
         return loss * sigma**2 if cfg.time_weight == "sigma2" else loss
