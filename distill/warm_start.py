@@ -58,8 +58,8 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
     Noise and conditioning come from the run's batch source ``data(step, rows, device)``. With
     ``config.pairs > 0`` a fixed set of noise -> sample pairs is made once and cycled over (DMD's
     precomputed regression dataset); otherwise every step makes fresh pairs. Multi-step students regress
-    every step (each iteration trains all of them): the step at ``t_k`` sees a teacher sample re-noised to
-    ``t_k`` and learns the teacher's ODE from there. Returns the last loss.
+    every step (each iteration trains all of them, each on a K-th of the batch): the step at ``t_k`` sees a
+    teacher sample re-noised to ``t_k`` and learns the teacher's ODE from there. Returns the last loss.
     """
     if config.steps <= 0:
         return float("nan")
@@ -70,12 +70,21 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
     opt = torch.optim.Adam(params, lr=config.lr)
     pairs = _pair_batches(student, teacher, data, config, timesteps, device)
     loss = torch.tensor(float("nan"))
-    for _ in tqdm(range(config.steps), desc="warm start", disable=not progress):
+    for it in tqdm(range(config.steps), desc="warm start", disable=not progress):
         batch, per_step = next(pairs)
-        loss = 0.0
-        for k, (x_in, target) in enumerate(per_step):
-            pred = student.denoiser(x_in, student.times(k, batch.size, x_in.device), batch.cond)
-            loss = loss + ((pred - target) ** 2).mean() / len(per_step)
+        # a K-step student trains each step on its own K-th of the batch's rows (rotating with the iteration,
+        # so a cycled pool's rows reach every step), all steps in one forward: an iteration costs what a
+        # one-step student's does. Batches smaller than K give every step all rows.
+        steps = len(per_step)
+        stride = steps if batch.size >= steps else 1
+        rows = [slice((k + it) % stride, None, stride) for k in range(steps)]
+        x_in = torch.cat([x[rows[k]] for k, (x, _) in enumerate(per_step)])
+        target = torch.cat([y[rows[k]] for k, (_, y) in enumerate(per_step)])
+        times = torch.cat([student.times(k, batch.size, x_in.device)[rows[k]] for k in range(steps)])
+        cond = batch.cond
+        if cond is not None and steps > 1:
+            cond = cond.map(lambda c: torch.cat([c[r] for r in rows]))
+        loss = ((student.denoiser(x_in, times, cond) - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

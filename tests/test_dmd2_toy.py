@@ -51,3 +51,17 @@ def test_conditional_with_cfg_matches_the_guided_teacher(tmp_path):
         # class `label` owns the even / odd modes; the student must not put samples on the other class
         weights = torch.tensor(report.mode_weights)
         assert weights[1 - label::2].sum() < 0.05, (label, report)
+
+
+def test_ring8_four_steps_with_backward_simulation(tmp_path):
+    """The 4-step recipe (per-step regression warm start, then DMD2 with backward simulation), shortened:
+    all four steps together land on the modes, and sampling with more of its steps does not lose precision."""
+    run = train_toy("recipes/toy_ring8_dmd2_4step.yaml", tmp_path,
+                    ["student.warm_start.steps=2000", "student.warm_start.pairs=8192", "train.steps=200",
+                     "train.log_every=0", "train.sample_every=0", "train.ema_decay=0.99"])
+    assert run.models.student.num_steps == 4 and run.config.method["backward_simulation"]
+    four = evaluate(run)
+    assert_close_to_truth(four)
+    assert four.coverage == 8
+    one = evaluate(run, steps=1)
+    assert four.precision >= one.precision - 0.02, (one, four)
