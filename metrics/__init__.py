@@ -5,6 +5,7 @@ Public API::
     metrics.fid(a, b, ...)                        # FID between folders / .npz / tensors / generators
     metrics.compute_stats(source, ...).save(path) # reference statistics (.npz with a manifest)
     metrics.frechet_distance(mu1, sigma1, mu2, sigma2)
+    metrics.kid(a, b, ...)                        # KID (polynomial-kernel MMD, clean-fid's estimator)
     metrics.clip_score(images, prompts, ...)      # CLIPScore, "cosine" (DMD2) or "torchmetrics"
 
 FID follows clean-fid's ``clean`` mode (Parmar et al. 2022) with the Frechet distance of Heusel et
@@ -14,6 +15,7 @@ al. 2017; CLIP score follows Hessel et al. 2021. The functions ``metrics.fid`` a
 """
 from metrics.clip_score import DMD2_PREFIX, ClipModel, load_clip, read_prompts
 from metrics.fid import compute_stats, extract_features
+from metrics.kid import kernel_distance, kid
 from metrics.inception import INCEPTION_ENV, INCEPTION_URL, clean_resize, find_inception_weights, load_inception
 from metrics.sources import FolderSource, GeneratorSource, TensorSource, open_source
 from metrics.stats import RunningStats, Stats, frechet_distance
@@ -35,6 +37,8 @@ __all__ = [
     "compute_stats",
     "extract_features",
     "fid",
+    "kernel_distance",
+    "kid",
     "find_inception_weights",
     "frechet_distance",
     "load_clip",

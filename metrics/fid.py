@@ -76,7 +76,7 @@ def fid(
     sources = [open_source(x, num_samples=num_samples, value_range=value_range, truncate=truncate) for x in (a, b)]
     needs_features = any(not isinstance(s, Stats) for s in sources)
     _check_dims(sources, *(_expected_dim(extractor) if needs_features else (None, "")))
-    feature = _prepare_extractor(extractor, inception_path, device) if needs_features else None
+    feature = prepare_extractor(extractor, inception_path, device) if needs_features else None
     stats = [
         s if isinstance(s, Stats) else _stats_of(s, feature, batch_size, num_workers, truncate, progress)
         for s in sources
@@ -107,18 +107,17 @@ def compute_stats(
     if isinstance(src, Stats):
         _check_dims([src], *_expected_dim(extractor))
         return src
-    feature = _prepare_extractor(extractor, inception_path, device)
+    feature = prepare_extractor(extractor, inception_path, device)
     return _stats_of(src, feature, batch_size, num_workers, truncate, progress)
 
 
-def _stats_of(
-    source: ImageSource,
-    feature: _Extractor,
-    batch_size: int,
-    num_workers: int | None,
-    truncate: bool,
-    progress: bool,
-) -> Stats:
+def feature_batches(source: ImageSource, feature: _Extractor, batch_size: int, num_workers: int | None,
+                    progress: bool, gather: bool = False):
+    """Yield feature batches ``[b, D]`` of this process's share of ``source`` (clean resize, then the extractor).
+
+    With ``gather`` under an initialised process group, the shares of all processes are gathered once the
+    source is exhausted and yielded on every process (for metrics that need every feature, such as KID).
+    """
     rank, world_size = _process_group()
     if len(source) < world_size:
         raise ToolkitError(f"{source.describe()} has {len(source)} images, fewer than the {world_size} processes")
@@ -131,13 +130,34 @@ def _stats_of(
         batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
         **({"transform": inception_input} if resize_in_workers else {}),
     )
-    running = RunningStats(feature.device)
     total = len(range(rank, len(source), world_size))
+    mine = []
     with tqdm(total=total, desc=f"features {source.describe()}", unit="img", disable=not progress or rank != 0) as bar:
         for batch in batches:
             x = batch if resize_in_workers else inception_input(batch.to(feature.device, non_blocking=True))
-            running.update(_run_extractor(feature.fn, x))
+            features = _run_extractor(feature.fn, x)
             bar.update(batch.shape[0])
+            if gather and world_size > 1:
+                mine.append(features.cpu())
+            else:
+                yield features
+    if gather and world_size > 1:
+        shares = [None] * world_size
+        dist.all_gather_object(shares, torch.cat(mine))
+        yield from shares
+
+
+def _stats_of(
+    source: ImageSource,
+    feature: _Extractor,
+    batch_size: int,
+    num_workers: int | None,
+    truncate: bool,
+    progress: bool,
+) -> Stats:
+    running = RunningStats(feature.device)
+    for features in feature_batches(source, feature, batch_size, num_workers, progress):
+        running.update(features)
     running.all_reduce()
     manifest = {
         "source": source.describe(),
@@ -147,7 +167,7 @@ def _stats_of(
         "extractor": feature.name,
         "weights_sha256": feature.weights_hash,
         "feature_dim": int(running.total.shape[0]),
-        "processes": world_size,
+        "processes": _process_group()[1],
     }
     stats = running.finalize(manifest)
     stats.origin = source.describe()
@@ -167,7 +187,7 @@ def _run_extractor(extractor: FeatureExtractor, x: torch.Tensor) -> torch.Tensor
     return features.reshape(features.shape[0], -1)
 
 
-def _prepare_extractor(extractor, inception_path, device) -> _Extractor:
+def prepare_extractor(extractor, inception_path, device) -> _Extractor:
     device = resolve_device(device)
     if extractor is None:
         extractor = load_inception(inception_path, device)
