@@ -169,7 +169,7 @@ class ScoreImplicitMethod(Method):
         huge weights, and on the 2-D toys SiD then widens every mode by 20-30% (spread 1.26 on five unequal
         modes, against 0.71 with no normaliser). ``"sid_pooled"`` restores the images' behaviour: each
         sample's ``wf`` is averaged over the ``normaliser_pool`` samples of the batch nearest to it in time
-        (:func:`pooled_by_time`), which for large images changes nothing.
+        (:func:`pooled_by_time`); on images, where wf already concentrates, pooling changes little.
         """
         cfg = self.config
         if cfg.normaliser == "none":
