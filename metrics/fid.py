@@ -112,12 +112,8 @@ def compute_stats(
 
 
 def feature_batches(source: ImageSource, feature: _Extractor, batch_size: int, num_workers: int | None,
-                    progress: bool, gather: bool = False):
-    """Yield feature batches ``[b, D]`` of this process's share of ``source`` (clean resize, then the extractor).
-
-    With ``gather`` under an initialised process group, the shares of all processes are gathered once the
-    source is exhausted and yielded on every process (for metrics that need every feature, such as KID).
-    """
+                    progress: bool):
+    """Yield feature batches ``[b, D]`` of this process's share of ``source`` (clean resize, then the extractor)."""
     rank, world_size = _process_group()
     if len(source) < world_size:
         raise ToolkitError(f"{source.describe()} has {len(source)} images, fewer than the {world_size} processes")
@@ -131,20 +127,11 @@ def feature_batches(source: ImageSource, feature: _Extractor, batch_size: int, n
         **({"transform": inception_input} if resize_in_workers else {}),
     )
     total = len(range(rank, len(source), world_size))
-    mine = []
     with tqdm(total=total, desc=f"features {source.describe()}", unit="img", disable=not progress or rank != 0) as bar:
         for batch in batches:
             x = batch if resize_in_workers else inception_input(batch.to(feature.device, non_blocking=True))
-            features = _run_extractor(feature.fn, x)
+            yield _run_extractor(feature.fn, x)
             bar.update(batch.shape[0])
-            if gather and world_size > 1:
-                mine.append(features.cpu())
-            else:
-                yield features
-    if gather and world_size > 1:
-        shares = [None] * world_size
-        dist.all_gather_object(shares, torch.cat(mine))
-        yield from shares
 
 
 def _stats_of(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 from metrics.fid import FeatureExtractor, feature_batches, prepare_extractor
 from metrics.sources import ValueRange, open_source
@@ -69,6 +70,15 @@ def kid(
         if isinstance(source, Stats):
             raise ToolkitError(f"KID needs images, not statistics: {source.origin} holds only a mean and covariance")
     feature = prepare_extractor(extractor, inception_path, device)
-    features = [torch.cat(list(feature_batches(s, feature, batch_size, num_workers, progress, gather=True)))
+    features = [_gathered(torch.cat(list(feature_batches(s, feature, batch_size, num_workers, progress))).cpu())
                 for s in sources]
-    return kernel_distance(features[0].cpu(), features[1].cpu(), num_subsets, max_subset_size)
+    return kernel_distance(features[0], features[1], num_subsets, max_subset_size)
+
+
+def _gathered(features: torch.Tensor) -> torch.Tensor:
+    """Every process's features, concatenated, on every process (unchanged without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, features)
+    return torch.cat(shares)
