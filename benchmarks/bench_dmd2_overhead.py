@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     from distill.config import load_config
     from distill.engine import Trainer
     from distill.methods.base import denoising_loss
-    from models.testing import build_tiny_sdxl
+    from distill.models.testing import build_tiny_sdxl
 
     work = Path(tempfile.mkdtemp(prefix="bench_dmd2_"))
     pipe_dir = build_tiny_sdxl(str(work / "pipe"), seed=0, sample_size=args.latent)

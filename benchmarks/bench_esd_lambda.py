@@ -23,7 +23,7 @@ import torch
 
 from distill.samplers import sample_ddim
 from distill.toy_eval import student_samples, train_toy
-from metrics.toy import mode_report
+from distill.metrics.toy import mode_report
 
 RECIPE = "recipes/toy_cond_esd.yaml"
 

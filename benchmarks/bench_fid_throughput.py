@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import metrics  # noqa: E402
+from distill import metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fid_throughput.json"
 

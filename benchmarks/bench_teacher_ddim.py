@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from distill.samplers import sample_ddim
-from metrics.toy import energy_distance, mode_report
-from models.analytic import build_mixture, mixture_denoiser
-from models.roles import Teacher
-from models.schedules import VPSchedule
+from distill.metrics.toy import energy_distance, mode_report
+from distill.models.analytic import build_mixture, mixture_denoiser
+from distill.models.roles import Teacher
+from distill.models.schedules import VPSchedule
 
 
 def main() -> dict:

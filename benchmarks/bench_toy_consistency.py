@@ -29,7 +29,7 @@ from distill.build import build_run  # noqa: E402
 from distill.config import load_config  # noqa: E402
 from distill.engine import Trainer  # noqa: E402
 from distill.samplers import sample_ddim, sample_student  # noqa: E402
-from metrics.toy import mode_report  # noqa: E402
+from distill.metrics.toy import mode_report  # noqa: E402
 
 #: LCMScheduler.set_timesteps(n) on the 50-step grid (the recipe's own 4-step schedule is added as well)
 LCM_STEPS = {1: [999], 2: [999, 499], 4: [999, 759, 499, 259]}

@@ -17,10 +17,10 @@ from typing import Any, Callable
 import torch
 
 from distill.config import Config, LoraConfig, NetConfig, from_dict
-from models.denoiser import Denoiser
-from models.errors import ToolkitError
-from models.roles import FakeScore, LoraSpec, Student, Teacher, add_lora, make_trainable
-from models.schedules import build_schedule
+from distill.models.denoiser import Denoiser
+from distill.models.errors import ToolkitError
+from distill.models.roles import FakeScore, LoraSpec, Student, Teacher, add_lora, make_trainable
+from distill.models.schedules import build_schedule
 
 #: method name -> "module:Class"
 METHODS = {
@@ -71,7 +71,7 @@ def _lora_spec(cfg: LoraConfig | None) -> LoraSpec | None:
 
 
 def _toy_denoiser(net: NetConfig, mixture, schedule) -> Denoiser:
-    from models.toy import ToyMLP, ToyUNet
+    from distill.models.toy import ToyMLP, ToyUNet
 
     time_scale = getattr(schedule, "num_train_timesteps", 1000) if schedule.discrete else 1.0
     if net.kind == "mlp":
@@ -101,7 +101,7 @@ def _toy_student_denoiser(config: Config, teacher: Teacher, mixture, schedule) -
                            "guidance embedding (use a fixed w: method.w_min = method.w_max)")
     denoiser = _toy_denoiser(scfg.net, mixture, schedule)
     if scfg.init == "teacher":
-        from models.toy import TeacherResidual
+        from distill.models.toy import TeacherResidual
 
         return Denoiser(TeacherResidual(teacher.denoiser.backbone, denoiser.backbone, schedule), schedule, "sample")
     if scfg.init != "fresh":
@@ -164,7 +164,7 @@ def build_models(config: Config, need_fake_score: bool = True, device=None) -> M
     torch.manual_seed(config.train.seed)
     tcfg = config.teacher
     if tcfg.kind == "gmm":
-        from models.analytic import build_mixture, mixture_conditioner, mixture_denoiser
+        from distill.models.analytic import build_mixture, mixture_conditioner, mixture_denoiser
 
         try:
             mixture = build_mixture(tcfg.preset, tcfg.means, tcfg.std, tcfg.stds, tcfg.weights, tcfg.labels,
@@ -182,7 +182,7 @@ def build_models(config: Config, need_fake_score: bool = True, device=None) -> M
         if need_fake_score:
             fake_denoiser = _toy_denoiser(config.fake_score.net, mixture, schedule)
             if config.fake_score.init == "teacher":
-                from models.toy import TeacherResidual
+                from distill.models.toy import TeacherResidual
 
                 fake_denoiser = Denoiser(TeacherResidual(teacher.denoiser.backbone, fake_denoiser.backbone, schedule),
                                          schedule, "sample")
@@ -198,7 +198,7 @@ def build_models(config: Config, need_fake_score: bool = True, device=None) -> M
 
 
 def _build_diffusers_models(config: Config, need_fake_score: bool, device=None) -> Models:
-    from models.loading import load_pipeline_components
+    from distill.models.loading import load_pipeline_components
 
     tcfg = config.teacher
     if not tcfg.path:

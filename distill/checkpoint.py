@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.errors import ToolkitError
+from distill.models.errors import ToolkitError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

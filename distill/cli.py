@@ -10,12 +10,12 @@ import argparse
 import importlib
 import sys
 
-from models.errors import ToolkitError
+from distill.models.errors import ToolkitError
 
 # Modules that register subcommands. Imported lazily so `distill --help` stays fast.
 COMMAND_MODULES = [
     "distill.commands",  # train, sample, export
-    "metrics.cli",  # fid, fid-stats, clip
+    "distill.metrics.cli",  # fid, fid-stats, clip
 ]
 
 

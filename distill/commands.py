@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.errors import ToolkitError
+from distill.models.errors import ToolkitError
 
 
 def register(subparsers) -> None:
@@ -142,7 +142,7 @@ def _sample_cond(models, args):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from models import export
+    from distill.models import export
 
     config, models = load_run(args.run, use_ema=not args.no_ema)
     if models.pipeline is None:

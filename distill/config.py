@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from models.errors import ToolkitError
+from distill.models.errors import ToolkitError
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from distill.methods.base import Batch, BatchRNG
-from models.errors import ToolkitError
+from distill.models.errors import ToolkitError
 
 _DATA_STREAM = 1_000  # BatchRNG stream reserved for data, apart from the losses' streams
 

@@ -30,7 +30,7 @@ from distill import checkpoint as ckpt
 from distill.config import OptimConfig, TrainConfig
 from distill.ema import EMA
 from distill.methods.base import Batch, Method
-from models.errors import ToolkitError
+from distill.models.errors import ToolkitError
 
 
 class BatchSource(Protocol):

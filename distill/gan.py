@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.conditioning import Cond
+from distill.models.conditioning import Cond
 
 
 class _StopForward(Exception):

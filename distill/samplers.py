@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from models.conditioning import Cond
+from distill.models.conditioning import Cond
 
 
 def _times(timesteps, device) -> torch.Tensor:

@@ -16,7 +16,7 @@ from distill.build import build_run, method_config
 from distill.config import Config, load_config
 from distill.engine import Trainer
 from distill.samplers import sample_ddim, sample_student
-from metrics.toy import MixtureReport, mode_report
+from distill.metrics.toy import MixtureReport, mode_report
 
 
 @dataclass

@@ -11,16 +11,16 @@ Public API::
 FID follows clean-fid's ``clean`` mode (Parmar et al. 2022) with the Frechet distance of Heusel et
 al. 2017; CLIP score follows Hessel et al. 2021. The functions ``metrics.fid`` and
 ``metrics.clip_score`` shadow their modules of the same name: import module internals with
-``from metrics.fid import ...`` or ``importlib.import_module("metrics.fid")``.
+``from distill.metrics.fid import ...`` or ``importlib.import_module("distill.metrics.fid")``.
 """
-from metrics.clip_score import DMD2_PREFIX, ClipModel, load_clip, read_prompts
-from metrics.fid import compute_stats, extract_features
-from metrics.kid import kernel_distance, kid
-from metrics.inception import INCEPTION_ENV, INCEPTION_URL, clean_resize, find_inception_weights, load_inception
-from metrics.sources import FolderSource, GeneratorSource, TensorSource, open_source
-from metrics.stats import RunningStats, Stats, frechet_distance
-from metrics.clip_score import clip_score  # noqa: E402 - after the module import it shadows
-from metrics.fid import fid  # noqa: E402
+from distill.metrics.clip_score import DMD2_PREFIX, ClipModel, load_clip, read_prompts
+from distill.metrics.fid import compute_stats, extract_features
+from distill.metrics.kid import kernel_distance, kid
+from distill.metrics.inception import INCEPTION_ENV, INCEPTION_URL, clean_resize, find_inception_weights, load_inception
+from distill.metrics.sources import FolderSource, GeneratorSource, TensorSource, open_source
+from distill.metrics.stats import RunningStats, Stats, frechet_distance
+from distill.metrics.clip_score import clip_score  # noqa: E402 - after the module import it shadows
+from distill.metrics.fid import fid  # noqa: E402
 
 __all__ = [
     "ClipModel",

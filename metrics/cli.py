@@ -11,10 +11,10 @@ import json
 import sys
 import warnings
 
-from metrics._util import default_workers
-from metrics.clip_score import CONVENTIONS, DEFAULT_MODEL, DEFAULT_PRETRAINED, clip_score
-from metrics.fid import compute_stats, fid
-from metrics.inception import INCEPTION_ENV, INCEPTION_FILENAME
+from distill.metrics._util import default_workers
+from distill.metrics.clip_score import CONVENTIONS, DEFAULT_MODEL, DEFAULT_PRETRAINED, clip_score
+from distill.metrics.fid import compute_stats, fid
+from distill.metrics.inception import INCEPTION_ENV, INCEPTION_FILENAME
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -30,9 +30,9 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from metrics._util import first_line, resolve_device
-from metrics.sources import FolderSource, TensorSource, ValueRange, check_image_files, to_uint8
-from models.errors import ToolkitError
+from distill.metrics._util import first_line, resolve_device
+from distill.metrics.sources import FolderSource, TensorSource, ValueRange, check_image_files, to_uint8
+from distill.models.errors import ToolkitError
 
 DEFAULT_MODEL = "ViT-g-14"
 DEFAULT_PRETRAINED = "laion2b_s12b_b42k"

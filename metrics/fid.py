@@ -25,11 +25,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from metrics._util import default_workers, resolve_device
-from metrics.inception import CLEAN_TRANSFORM, INCEPTION_DIM, inception_input, load_inception
-from metrics.sources import FolderSource, ImageSource, Source, ValueRange, open_source
-from metrics.stats import RunningStats, Stats, frechet_distance
-from models.errors import ToolkitError
+from distill.metrics._util import default_workers, resolve_device
+from distill.metrics.inception import CLEAN_TRANSFORM, INCEPTION_DIM, inception_input, load_inception
+from distill.metrics.sources import FolderSource, ImageSource, Source, ValueRange, open_source
+from distill.metrics.stats import RunningStats, Stats, frechet_distance
+from distill.models.errors import ToolkitError
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 

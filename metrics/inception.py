@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrics._util import first_line
-from models.errors import ToolkitError
+from distill.metrics._util import first_line
+from distill.models.errors import ToolkitError
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"

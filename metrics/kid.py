@@ -12,10 +12,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from metrics.fid import FeatureExtractor, feature_batches, prepare_extractor
-from metrics.sources import ValueRange, open_source
-from metrics.stats import Stats
-from models.errors import ToolkitError
+from distill.metrics.fid import FeatureExtractor, feature_batches, prepare_extractor
+from distill.metrics.sources import ValueRange, open_source
+from distill.metrics.stats import Stats
+from distill.models.errors import ToolkitError
 
 
 def kernel_distance(features_a, features_b, num_subsets: int = 100, max_subset_size: int = 1000,

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metrics._util import first_line
-from metrics.stats import Stats
-from models.errors import ToolkitError
+from distill.metrics._util import first_line
+from distill.metrics.stats import Stats
+from distill.models.errors import ToolkitError
 
 # clean-fid's list (utils.EXTENSIONS) without .npy; matched case-insensitively.
 IMAGE_EXTENSIONS = frozenset({".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from metrics._util import first_line
-from models.errors import ToolkitError
+from distill.metrics._util import first_line
+from distill.models.errors import ToolkitError
 
 
 @dataclass

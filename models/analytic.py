@@ -18,9 +18,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.conditioning import ClassConditioner
-from models.denoiser import Denoiser
-from models.schedules import Schedule
+from distill.models.conditioning import ClassConditioner
+from distill.models.denoiser import Denoiser
+from distill.models.schedules import Schedule
 
 
 class GaussianMixture(nn.Module):

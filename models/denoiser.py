@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.conditioning import NO_COND, Cond
-from models.schedules import Schedule, canonical_prediction_type
+from distill.models.conditioning import NO_COND, Cond
+from distill.models.schedules import Schedule, canonical_prediction_type
 
 
 def backbone_output(out) -> torch.Tensor:

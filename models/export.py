@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from models.errors import ToolkitError
+from distill.models.errors import ToolkitError
 
 #: the file next to an exported pipeline that says how to sample the student
 STUDENT_CARD = "distill_student.json"
@@ -159,7 +159,7 @@ def export_pipeline(pipeline_dir: str | os.PathLike, unet: Any, out_dir: str | o
             them from ``num_inference_steps`` alone, the ``timesteps=`` to pass at call time.
         dtype: cast the student's weights (the copied components keep theirs).
     """
-    from models.loading import load_scheduler_config, resolve_pipeline_dir
+    from distill.models.loading import load_scheduler_config, resolve_pipeline_dir
 
     src = resolve_pipeline_dir(pipeline_dir)
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -224,7 +224,7 @@ def export_lora(model: Any, out_dir: str | os.PathLike, pipeline: str | None = N
     """Write the UNet's LoRA adapter so that ``pipe.load_lora_weights(out_dir)`` applies it.
 
     Args:
-        model: a UNet with a peft adapter (from :func:`models.roles.add_lora`) or anything wrapping one.
+        model: a UNet with a peft adapter (from :func:`distill.models.roles.add_lora`) or anything wrapping one.
         pipeline: ``"sdxl"`` / ``"sd15"`` (whose ``save_lora_weights`` writes the file); None: from the UNet config.
         merged: write a full UNet with the adapter fused instead (see :func:`export_unet`).
         dtype: cast the LoRA weights (e.g. ``torch.float16``).
@@ -237,7 +237,7 @@ def export_lora(model: Any, out_dir: str | os.PathLike, pipeline: str | None = N
     if adapter_name not in peft_config:
         have = sorted(peft_config) or "none"
         raise ToolkitError(f"the UNet has no LoRA adapter {adapter_name!r} (adapters: {have}); add one with "
-                           f"models.roles.add_lora, or export the full UNet with export_unet")
+                           f"distill.models.roles.add_lora, or export the full UNet with export_unet")
     out_dir = os.fspath(out_dir)
     if merged:
         return export_unet(unet, out_dir, dtype=dtype)
@@ -267,7 +267,7 @@ def export_student(models: Any, config: Any, out_dir: str | os.PathLike, dtype: 
         config: the run's :class:`distill.config.Config`.
         dtype: cast the exported weights (e.g. ``torch.float16``).
     """
-    from models.roles import has_lora
+    from distill.models.roles import has_lora
 
     pipeline = getattr(models, "pipeline", None)
     if pipeline is None:
@@ -285,7 +285,7 @@ def export_student(models: Any, config: Any, out_dir: str | os.PathLike, dtype: 
     out_dir = os.fspath(out_dir)
     if has_lora(unet):
         export_lora(unet, out_dir, pipeline=pipeline.kind, dtype=dtype)
-        from models.loading import load_scheduler_config
+        from distill.models.loading import load_scheduler_config
 
         scheduler, exact = lcm_scheduler_config(load_scheduler_config(pipeline.path), timesteps)
         call = f"num_inference_steps={len(timesteps)}" if exact else f"timesteps={timesteps}"

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from models.conditioning import SD15Conditioner, SDXLConditioner
-from models.denoiser import Denoiser
-from models.errors import ToolkitError
-from models.schedules import VPSchedule, canonical_prediction_type
+from distill.models.conditioning import SD15Conditioner, SDXLConditioner
+from distill.models.denoiser import Denoiser
+from distill.models.errors import ToolkitError
+from distill.models.schedules import VPSchedule, canonical_prediction_type
 
 PIPELINE_LAYOUT = "a diffusers pipeline folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
 KINDS = ("sdxl", "sd15")

@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.conditioning import Cond
-from models.denoiser import Denoiser
+from distill.models.conditioning import Cond
+from distill.models.denoiser import Denoiser
 
 #: LoRA targets for diffusers UNets: attention, transformer projections, resnet convolutions (as DMD2 and
 #: the diffusers LCM-LoRA script adapt them).

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> str:
     """Folder of a tiny ``StableDiffusionXLPipeline`` (seed 0; latents 4x8x8, images 32x32). Do not modify it."""
-    from models.testing import build_tiny_sdxl
+    from distill.models.testing import build_tiny_sdxl
 
     return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")), seed=0)
 
@@ -24,7 +24,7 @@ def tiny_sdxl_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory) -> str:
     """Folder of a tiny ``StableDiffusionPipeline`` (SD1.5 layout, seed 0; latents 4x8x8). Do not modify it."""
-    from models.testing import build_tiny_sd15
+    from distill.models.testing import build_tiny_sd15
 
     return build_tiny_sd15(str(tmp_path_factory.mktemp("tiny_sd15")), seed=0)
 

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from models.analytic import GaussianMixture, build_mixture, mixture_denoiser, ring
-from models.conditioning import ClassConditioner
-from models.schedules import EDMSchedule, FlowSchedule, VPSchedule
+from distill.models.analytic import GaussianMixture, build_mixture, mixture_denoiser, ring
+from distill.models.conditioning import ClassConditioner
+from distill.models.schedules import EDMSchedule, FlowSchedule, VPSchedule
 
 
 def tweedie_x0(mixture, x_t, alpha, sigma, labels=None):

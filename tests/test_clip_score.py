@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import metrics
-from metrics.clip_score import ClipModel, resolve_model
-from models.errors import ToolkitError
+from distill import metrics
+from distill.metrics.clip_score import ClipModel, resolve_model
+from distill.models.errors import ToolkitError
 
 # Correctness tests: one intra-op thread (conftest); on a small shared machine two threads per
 # process oversubscribe the cores and make LAPACK and small resizes many times slower.
@@ -87,7 +87,7 @@ def test_prompts_file_and_tensor_images(tmp_path):
 
 
 def test_inputs_checked_before_the_model_loads(tmp_path, monkeypatch):
-    clip_module = sys.modules["metrics.clip_score"]
+    clip_module = sys.modules["distill.metrics.clip_score"]
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")

@@ -82,7 +82,7 @@ def test_lognormal_index_sampling_prefers_low_noise():
 # ------------------------------------------------------------------------------------------ toy quality
 def test_ring8_four_step_student(tmp_path):
     """A shortened ``toy_ring8_lcm.yaml`` run: the 4-step student is close to the truth (benchmark: tighter)."""
-    from metrics.toy import mode_report
+    from distill.metrics.toy import mode_report
 
     config = load_config(RECIPES / "toy_ring8_lcm.yaml", ["train.steps=2000", "train.log_every=0"])
     models, method, _, logs = _train(config, tmp_path)
@@ -137,7 +137,7 @@ def _pipeline(folder, lcm=False):
 def test_sdxl_lcm_student_exports_and_matches_lcm_scheduler(tiny_sdxl_dir, tmp_path):
     import json
 
-    from models.export import STUDENT_CARD, export_student
+    from distill.models.export import STUDENT_CARD, export_student
 
     config = _sdxl_config(tiny_sdxl_dir, tmp_path, "sdxl_lcm.yaml", ["generator_optim.lr=1e-3"])
     models, method, _, logs = _train(config, tmp_path / "run")
@@ -168,7 +168,7 @@ def test_sdxl_lcm_student_exports_and_matches_lcm_scheduler(tiny_sdxl_dir, tmp_p
 
 
 def test_sdxl_lcm_lora_exports_weights_that_diffusers_loads(tiny_sdxl_dir, tmp_path):
-    from models.export import export_lora
+    from distill.models.export import export_lora
 
     config = _sdxl_config(tiny_sdxl_dir, tmp_path, "sdxl_lcm_lora.yaml",
                           ["student.lora.rank=4", "generator_optim.lr=1e-2"])
@@ -196,7 +196,7 @@ def test_sdxl_lcm_lora_exports_weights_that_diffusers_loads(tiny_sdxl_dir, tmp_p
 
 def test_data_free_source_runs_without_real_data(tiny_sdxl_dir, tmp_path):
     """``data_source: real`` without data is a clear error; ``student`` needs none."""
-    from models.errors import ToolkitError
+    from distill.models.errors import ToolkitError
 
     config = _sdxl_config(tiny_sdxl_dir, tmp_path, "sdxl_lcm_lora.yaml", ["student.lora.rank=4",
                                                                            "method.data_source=real"])

@@ -16,7 +16,7 @@ from distill.engine import Trainer
 from distill.methods.dmd2 import DMD2
 from distill.methods.esd import ESD, ESDConfig
 from distill.toy_eval import ToyRun, student_samples
-from metrics.toy import mode_report
+from distill.metrics.toy import mode_report
 from tests.test_sid_sim import assert_resume_matches_straight, student_moved, tiny_sdxl_recipe
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

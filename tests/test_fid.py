@@ -19,13 +19,13 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch import nn
 
-import metrics
-from metrics.sources import GeneratorSource, TensorSource, to_uint8
-from metrics.stats import RunningStats, Stats
-from models.errors import ToolkitError
+from distill import metrics
+from distill.metrics.sources import GeneratorSource, TensorSource, to_uint8
+from distill.metrics.stats import RunningStats, Stats
+from distill.models.errors import ToolkitError
 
-fid_module = importlib.import_module("metrics.fid")
-inception_module = importlib.import_module("metrics.inception")
+fid_module = importlib.import_module("distill.metrics.fid")
+inception_module = importlib.import_module("distill.metrics.inception")
 
 # Correctness tests: one intra-op thread (conftest); on a small shared machine two threads per
 # process oversubscribe the cores and make LAPACK and small resizes many times slower.

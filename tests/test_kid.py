@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
-from models.errors import ToolkitError
+from distill import metrics
+from distill.models.errors import ToolkitError
 from tests.test_fid import random_extractor, write_images
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

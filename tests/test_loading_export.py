@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from models.denoiser import Denoiser
-from models.errors import ToolkitError
-from models.export import export_lora, export_pipeline, export_unet, unwrap_unet
-from models.loading import detect_kind, load_pipeline_components, load_unet, resolve_pipeline_dir
-from models.roles import LoraSpec, Student, make_trainable
+from distill.models.denoiser import Denoiser
+from distill.models.errors import ToolkitError
+from distill.models.export import export_lora, export_pipeline, export_unet, unwrap_unet
+from distill.models.loading import detect_kind, load_pipeline_components, load_unet, resolve_pipeline_dir
+from distill.models.roles import LoraSpec, Student, make_trainable
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

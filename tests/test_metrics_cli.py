@@ -17,16 +17,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-import metrics
+from distill import metrics
 from distill.cli import main
-from metrics.inception import INCEPTION_ENV, INCEPTION_FILENAME, INCEPTION_URL
+from distill.metrics.inception import INCEPTION_ENV, INCEPTION_FILENAME, INCEPTION_URL
 
 # Correctness tests: one intra-op thread (conftest); on a small shared machine two threads per
 # process oversubscribe the cores and make LAPACK and small resizes many times slower.
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-inception_module = sys.modules["metrics.inception"]
+inception_module = sys.modules["distill.metrics.inception"]
 
 
 class _FakeInception(nn.Module):

@@ -14,7 +14,7 @@ from distill.cli import main as cli_main
 from distill.config import OptimConfig, TrainConfig
 from distill.engine import Trainer
 from distill.methods.base import Batch, BatchRNG, Method
-from models.errors import ToolkitError
+from distill.models.errors import ToolkitError
 
 # A frozen toy DMD2 recipe (ring8 teacher): recipes/*.yaml are tuned by hand and must not change what
 # these tests measure (a warm start there would also cost minutes).

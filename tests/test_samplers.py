@@ -1,12 +1,12 @@
 import torch
 
 from distill.samplers import sample_ddim, sample_euler, sample_hybrid, sample_student
-from metrics.toy import energy_distance, mode_report
-from models.analytic import build_mixture, mixture_denoiser
-from models.denoiser import Denoiser
-from models.roles import Student, Teacher
-from models.schedules import FlowSchedule, VPSchedule
-from models.toy import ToyMLP
+from distill.metrics.toy import energy_distance, mode_report
+from distill.models.analytic import build_mixture, mixture_denoiser
+from distill.models.denoiser import Denoiser
+from distill.models.roles import Student, Teacher
+from distill.models.schedules import FlowSchedule, VPSchedule
+from distill.models.toy import ToyMLP
 
 LINEAR = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 

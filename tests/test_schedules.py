@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, DDIMScheduler
 
-from models.schedules import EDMSchedule, FlowSchedule, VPSchedule, guidance_scale_embedding
+from distill.models.schedules import EDMSchedule, FlowSchedule, VPSchedule, guidance_scale_embedding
 
 
 @pytest.mark.parametrize("kind,start,end", [("scaled_linear", 0.00085, 0.012), ("linear", 1e-4, 0.02)])

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from distill.samplers import sample_ddim, sample_student
-from models.loading import load_pipeline_components
-from models.roles import Student, Teacher
-from models.schedules import VPSchedule
+from distill.models.loading import load_pipeline_components
+from distill.models.roles import Student, Teacher
+from distill.models.schedules import VPSchedule
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -131,7 +131,7 @@ def test_lcm_exported_student_reproduces_sample_student(sdxl, tmp_path):
     """A 4-step student exported with an LCMScheduler samples as ``sample_student`` (same generator)."""
     from diffusers import DiffusionPipeline
 
-    from models.export import export_pipeline
+    from distill.models.export import export_pipeline
 
     components, _ = sdxl
     timesteps = [999, 749, 499, 249]
@@ -155,7 +155,7 @@ def test_tiny_builders_are_deterministic_and_support_time_cond(tmp_path):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    from models.testing import COMMON_WORDS, build_tiny_sdxl
+    from distill.models.testing import COMMON_WORDS, build_tiny_sdxl
 
     a = build_tiny_sdxl(tmp_path / "a", seed=3, time_cond_proj_dim=16)
     b = build_tiny_sdxl(tmp_path / "b", seed=3, time_cond_proj_dim=16)

@@ -1,7 +1,7 @@
 import torch
 
-from metrics.toy import energy_distance, mode_report, precision_radius
-from models.analytic import GaussianMixture, build_mixture
+from distill.metrics.toy import energy_distance, mode_report, precision_radius
+from distill.models.analytic import GaussianMixture, build_mixture
 
 
 def test_energy_distance_zero_for_same_distribution_positive_otherwise():

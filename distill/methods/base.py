@@ -24,8 +24,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from models.conditioning import Cond
-from models.schedules import Schedule, expand_like
+from distill.models.conditioning import Cond
+from distill.models.schedules import Schedule, expand_like
 
 
 class BatchRNG:

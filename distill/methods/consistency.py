@@ -63,10 +63,10 @@ import torch
 from torch import nn
 
 from distill.methods.base import Batch, Method
-from models.conditioning import Cond
-from models.denoiser import Denoiser, _as_batch_times
-from models.errors import ToolkitError
-from models.schedules import expand_like, guidance_scale_embedding
+from distill.models.conditioning import Cond
+from distill.models.denoiser import Denoiser, _as_batch_times
+from distill.models.errors import ToolkitError
+from distill.models.schedules import expand_like, guidance_scale_embedding
 
 
 # ---------------------------------------------------------------------------------------------- parameterisation

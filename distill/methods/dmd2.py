@@ -19,7 +19,7 @@ from torch import nn
 
 from distill.gan import Discriminator, discriminator_gan_loss, generator_gan_loss
 from distill.methods.base import Batch, Method, denoising_loss, frozen, generate
-from models.roles import FakeScore, Student, Teacher
+from distill.models.roles import FakeScore, Student, Teacher
 
 
 @dataclass

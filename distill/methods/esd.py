@@ -19,7 +19,7 @@ scores is *not* ESD (it sharpens prompts like CFG and reduces within-prompt dive
 
 Everything else (fake score, TTUR, GAN head, backward simulation) is DMD2's. ProlificDreamer's VSD trains
 the fake score as a LoRA of the teacher (rank small, lr 1e-4, plain eps/v MSE at all times): set
-``fake_score.lora`` in the recipe (``models.roles.add_lora`` adapts diffusers UNets and toy MLPs alike).
+``fake_score.lora`` in the recipe (``distill.models.roles.add_lora`` adapts diffusers UNets and toy MLPs alike).
 """
 from __future__ import annotations
 

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from distill.methods.base import Batch, Method, denoising_loss, frozen, generate, pooled_by_time
-from models.errors import ToolkitError
-from models.roles import FakeScore, Student, Teacher
-from models.schedules import EDMSchedule
+from distill.models.errors import ToolkitError
+from distill.models.roles import FakeScore, Student, Teacher
+from distill.models.schedules import EDMSchedule
 
 
 @dataclass

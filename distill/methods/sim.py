@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from distill.methods.score_implicit import ScoreImplicitConfig, ScoreImplicitMethod, sample_mean
-from models.errors import ToolkitError
-from models.schedules import expand_like
+from distill.models.errors import ToolkitError
+from distill.models.schedules import expand_like
 
 
 @dataclass
