@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from distill.config_rules import alias, check_config, check_fields, coerce
 from distill.models.errors import ToolkitError
 
 
@@ -121,6 +122,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # "bf16" on GPU
     ema_decay: float | None = None
     checkpoint_every: int = 0  # 0: only at the end
+    # also checkpoint when this many minutes passed since the last one (rank 0's clock); 0: off
+    checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 3
     log_every: int = 10
     sample_every: int = 0
@@ -169,9 +172,15 @@ def from_dict(cls, data: dict | None, where: str = ""):
     kwargs = {}
     for name, value in data.items():
         sub = _dataclass_type(hints[name])
-        kwargs[name] = from_dict(sub, value, f"{where}{name}.") if sub is not None and isinstance(value, dict) \
-            else value
-    return cls(**kwargs)
+        if sub is not None and (isinstance(value, dict) or value is None and type(None) not in typing.get_args(hints[name])):
+            kwargs[name] = from_dict(sub, value, f"{where}{name}.")  # a section (null: its defaults)
+        else:  # typed from the hint; a section given as a non-mapping is named here too
+            kwargs[name] = coerce(alias(cls, name, value), hints[name], where + name)
+            if sub is not None and kwargs[name] is not None:
+                raise ToolkitError(f"config section {where}{name} must be a mapping, got {value!r}")
+    obj = cls(**kwargs)
+    check_fields(obj, where)
+    return obj
 
 
 def parse_value(text: str) -> Any:
@@ -232,6 +241,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     config = from_dict(Config, data)
     if not isinstance(config.method, dict) or "name" not in config.method:
         raise ToolkitError("the recipe's method section needs a name (dmd2, sid, sim, esd, consistency)")
+    check_config(config)  # rules across fields, and the method section against its own dataclass
     return config
 
 
