@@ -260,8 +260,9 @@ def example_batch(data, device=None):
     return data(0, slice(0, min(2, data.global_batch_size)), device)
 
 
-def build_run(config: Config, device=None, warm_start: bool = True, progress: bool = False):
-    """(models, method, data) for training. ``warm_start=False`` skips the regression warm start (resuming)."""
+def build_run(config: Config, device=None, warm_start: bool = True, progress: bool = False, run_dir=None):
+    """(models, method, data) for training. ``warm_start=False`` skips the regression warm start (resuming);
+    ``run_dir``: the warm start saves its progress there and resumes from it (distill/warm_start.py)."""
     cls = method_class(config.method["name"])
     mcfg = method_config(config)
     models = build_models(config, need_fake_score=getattr(cls, "needs_fake_score", True), device=device)
@@ -270,6 +271,7 @@ def build_run(config: Config, device=None, warm_start: bool = True, progress: bo
     if warm_start and config.student.warm_start.steps > 0:
         from distill.warm_start import regression_warm_start
 
-        regression_warm_start(models.student, models.teacher, data, config.student.warm_start, device, progress)
+        regression_warm_start(models.student, models.teacher, data, config.student.warm_start, device, progress,
+                              run_dir=run_dir, train=config.train)
     method = cls.from_models(models, mcfg, example_batch(data, device))
     return models, method, data

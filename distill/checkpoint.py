@@ -4,15 +4,21 @@ A checkpoint is a folder ``RUN/checkpoints/step_00001000/`` holding
 
 * ``<name>.safetensors`` -- weights of each trained module (and EMA / method state),
 * ``training_state.pt`` -- optimiser and LR-scheduler states, RNG states,
-* ``state.json`` -- step, data position, counters; written last, so its presence marks a complete folder.
+* ``state.json`` -- step, data position, counters, and the size and sha256 of every other file in the
+  folder (``files``); written last, so its presence marks a complete folder.
 
 A process killed while writing leaves only a ``.tmp-*`` folder, which is ignored (and cleaned up later),
-so the previous checkpoint stays loadable. Only the last ``keep`` checkpoints are kept.
+so the previous checkpoint stays loadable. Only the last ``keep`` checkpoints are kept. A checkpoint
+damaged afterwards (a truncated copy, a full disk, bit rot) fails :func:`verify_checkpoint`;
+``resolve_resume("auto")`` and :func:`newest_intact` then warn in one line and use the newest intact one.
+Hashing costs one extra read of the checkpoint (~1-2 GB/s) at save and at load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import random
 import re
 import shutil
@@ -25,6 +31,9 @@ from safetensors.torch import load_file, save_file
 from distill.models.errors import ToolkitError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+#: RUN/checkpoints/warm_start/step_*: the regression warm start's progress (distill/warm_start.py); the first
+#: training checkpoint supersedes it, and :func:`prune` then deletes it
+WARM_START_DIR = "warm_start"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,9 +82,12 @@ def save_checkpoint(root: str | Path, step: int, weights: dict[str, dict[str, to
     for name, tensors in weights.items():
         save_file(_contiguous(tensors), str(tmp / f"{name}.safetensors"))
     torch.save(training_state, tmp / "training_state.pt")
+    files = manifest(tmp)  # every file written so far; state.json (last) records them
     with open(tmp / "state.json", "w") as f:
-        json.dump({**state, "step": step}, f, indent=1)
-    for file in tmp.iterdir():
+        json.dump({**state, "step": step, "files": files}, f, indent=1)
+    for file in tmp.rglob("*"):
+        if not file.is_file():
+            continue
         with open(file, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
@@ -105,26 +117,110 @@ def prune(root: Path, keep: int) -> None:
     checkpoints = list_checkpoints(root)
     for old in checkpoints[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    if checkpoints and (root / WARM_START_DIR).is_dir():
+        shutil.rmtree(root / WARM_START_DIR, ignore_errors=True)
     for leftover in root.glob(".tmp-step_*"):
         pid = leftover.name.rsplit("-", 1)[-1]
         if pid != str(os.getpid()):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
-    """``None``/``"none"``: start fresh; ``"auto"``: the newest complete checkpoint under root (or none); a path."""
+# ---------------------------------------------------------------------- integrity
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: str | Path) -> dict[str, dict]:
+    """``{relative path: {"size": bytes, "sha256": hex}}`` of every file under ``folder`` except state.json."""
+    folder = Path(folder)
+    return {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != "state.json"}
+
+
+# folder -> (name, size, mtime) of its files when last verified in this process: the Trainer re-resolves the
+# checkpoint that ``distill train`` resolved, and hashing it twice would double the cost of a resume
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _fingerprint(path: Path) -> tuple:
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.rglob("*")) if f.is_file())
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when the checkpoint at ``path`` is intact, else a short reason (first damaged file).
+
+    Checks that ``state.json`` parses and every file it lists has its recorded size and sha256.
+    Checkpoints written before hashes were recorded (no ``files`` key) are checked for parsing only.
+    """
+    path = Path(path)
+    try:
+        key = _fingerprint(path)
+        if _VERIFIED.get(path) == key:
+            return None
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"state.json unreadable ({type(err).__name__})"
+    for name, meta in (state.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} missing"
+        size = file.stat().st_size
+        if size != meta["size"]:
+            return f"{name} has {size} bytes, expected {meta['size']}"
+        if _sha256(file) != meta["sha256"]:
+            return f"{name} sha256 mismatch"
+    _VERIFIED[path] = key
+    return None
+
+
+def _warn(message: str) -> None:
+    """One warning line, from the main process only (every process resolves the same checkpoint)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def newest_intact(root: str | Path) -> Path | None:
+    """The newest checkpoint under ``root`` that passes :func:`verify_checkpoint`, warning about each damaged
+    newer one; None when there is none at all; ToolkitError naming them when all are damaged."""
+    found = list_checkpoints(root)
+    damaged = []
+    for path in reversed(found):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            if damaged:
+                _warn(f"checkpoint {damaged[-1][0]} is damaged ({damaged[-1][1]}); using {path}" if len(damaged) == 1
+                      else f"{len(damaged)} newest checkpoints are damaged "
+                           f"({'; '.join(f'{p.name}: {why}' for p, why in damaged)}); using {path}")
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        raise ToolkitError(f"every checkpoint in {root} is damaged: "
+                           + "; ".join(f"{p.name}: {why}" for p, why in damaged))
+    return None
+
+
+def resolve_resume(resume: str | Path | None, root: str | Path) -> Path | None:
+    """``None``/``"none"``: start fresh; ``"auto"``: the newest intact checkpoint under root (or none); a path
+    (a ``step_*`` folder, which must be intact, or a run / checkpoints folder: its newest intact one)."""
     if resume in (None, "", "none", "never"):
         return None
     if resume == "auto":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
+        return newest_intact(root)
     path = Path(resume)
     if path.is_dir() and not (path / "state.json").is_file():
-        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
-        if found:
-            return found[-1]
+        for folder in (path / "checkpoints", path):
+            if list_checkpoints(folder):
+                return newest_intact(folder)
     if not (path / "state.json").is_file():
         raise ToolkitError(f"no complete checkpoint at {path} (expected a step_* folder with state.json)")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ToolkitError(f"checkpoint {path} is damaged ({problem}); pass another one or --resume auto")
     return path
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,11 @@ def register(subparsers) -> None:
                                           "train.steps=500 method.guidance_scale=3.")
     p.add_argument("config", help="recipe YAML (see recipes/)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, samples, config.yaml)")
-    p.add_argument("--resume", default="auto", help="auto (default: latest checkpoint in --out), none, or a path")
+    p.add_argument("--resume", default="auto", help="auto (default: newest intact checkpoint in --out), none, or a "
+                                                    "path; a run folder is resumed only with its own recipe")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that holds checkpoints: delete its checkpoints, log, "
+                        "samples and config.yaml first (implies --resume none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=cmd_train)
@@ -42,26 +47,51 @@ def register(subparsers) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Checks first (options, recipe, run folder), writes nothing until they pass; see distill/run_folder.py.
+
+    SIGINT / SIGTERM save a checkpoint at the next step boundary and exit with 128 + signal (130 / 143).
+    """
+    import os
+
+    from distill import checkpoint as ckpt
+    from distill import cli_checks, interrupt, run_folder
     from distill.build import build_run
-    from distill.config import load_config, save_config
+    from distill.config import load_config
     from distill.engine import Trainer
     from distill.sample_grids import sample_grid_writer
 
+    out = cli_checks.out_dir(args.out)
+    if args.resume not in ("auto", "none"):
+        cli_checks.existing(args.resume, "--resume")
     config = load_config(args.config, args.overrides)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    from distill import checkpoint as ckpt
-
+    overwrite = getattr(args, "overwrite", False)
+    resume = "none" if overwrite else args.resume
+    run_folder.check_run_folder(out, config, args.resume, overwrite)
+    main = os.environ.get("RANK", "0") == "0"  # every process runs this; one writes the run's files
+    if overwrite and main:
+        run_folder.clear_run(out)
+    resume_from = ckpt.resolve_resume(resume, out / "checkpoints")
+    if resume_from is None and main:  # a new run: its recipe is recorded before the first save
+        run_folder.write_config(config, out)
     device = "cuda" if torch.cuda.is_available() else None
-    resuming = args.resume != "none" and ckpt.resolve_resume(args.resume, out / "checkpoints") is not None
-    models, method, data = build_run(config, device=device, warm_start=not resuming, progress=not args.no_progress)
-    trainer = Trainer(method, data, config.train, config.generator_optim, config.critic_optim, out,
-                      resume=None if args.resume == "none" else args.resume,
-                      sample_fn=sample_grid_writer(models, config), progress=not args.no_progress)
-    if trainer.resumed_from is not None:
-        print(f"resuming from {trainer.resumed_from}")
-    logs = trainer.run()
+    interrupt.install()
+    try:
+        models, method, data = build_run(config, device=device, warm_start=resume_from is None,
+                                         progress=not args.no_progress, run_dir=out)
+        trainer = Trainer(method, data, config.train, config.generator_optim, config.critic_optim, out,
+                          resume=resume_from, sample_fn=sample_grid_writer(models, config),
+                          progress=not args.no_progress)
+        if trainer.resumed_from is not None:
+            if main:  # the resumable keys (train.steps, ...) may have changed: record the new values
+                run_folder.write_config(config, out)
+            print(f"resuming from {trainer.resumed_from}")
+        logs = trainer.run()
+    except interrupt.Interrupted as stop:
+        if main:
+            print(f"{stop}; run the same command again to continue (--resume auto)", file=sys.stderr)
+        return stop.exit_code
+    finally:
+        interrupt.uninstall()
     if trainer.accelerator.is_main_process:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if "loss" in k)
         print(f"done: {trainer.step} steps, checkpoints in {trainer.checkpoint_root}; {summary}")
@@ -78,13 +108,11 @@ def load_run(run: str | Path, use_ema: bool = True):
     if not (run / "config.yaml").is_file():
         raise ToolkitError(f"{run} is not a run folder (no config.yaml); pass the --out folder of `distill train`")
     config = load_config(run / "config.yaml")
-    found = ckpt.list_checkpoints(run / "checkpoints")
-    if not found:
+    newest = ckpt.newest_intact(run / "checkpoints")  # warns about damaged newer ones; errors when all are
+    if newest is None:
         raise ToolkitError(f"no checkpoint in {run / 'checkpoints'}; train first")
-    if config.teacher.kind == "gmm":
-        pass
     models = build_models(config, need_fake_score=False)
-    weights, _, _ = ckpt.load_checkpoint(found[-1])
+    weights, _, _ = ckpt.load_checkpoint(newest)
     from distill.engine import _load_trainable_state
 
     key = "student_ema" if use_ema and "student_ema" in weights else "student"
@@ -98,8 +126,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from distill.samplers import sample_student
     from distill.sample_grids import decode_to_images, save_images
 
-    if args.n <= 0:
-        raise ToolkitError("--n must be positive")
+    from distill import cli_checks  # options first, before the run is loaded
+
+    for option, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--steps", args.steps)):
+        cli_checks.at_least(option, value, 1)
+    (cli_checks.out_file if str(args.out).endswith(".npy") else cli_checks.out_dir)(args.out)
     config, models = load_run(args.run, use_ema=not args.no_ema)
     student = models.student
     timesteps = student.timesteps if args.steps is None else student.timesteps[:args.steps]
@@ -142,8 +173,10 @@ def _sample_cond(models, args):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from distill import cli_checks
     from distill.models import export
 
+    cli_checks.out_dir(args.out)  # before the run is loaded
     config, models = load_run(args.run, use_ema=not args.no_ema)
     if models.pipeline is None:
         raise ToolkitError("export needs a diffusers teacher (sdxl / sd15); toy students are sampled with "

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distill import checkpoint as ckpt
+from distill import interrupt
 from distill.config import OptimConfig, TrainConfig
 from distill.ema import EMA
 from distill.methods.base import Batch, Method
@@ -133,6 +134,7 @@ class Trainer:
             self._load(self.resumed_from)
         self._log_file = None
         self._tb = None
+        self._last_save = time.monotonic()  # time-based checkpoints count from here (rank 0's clock)
 
     # ------------------------------------------------------------------ state
     def _modules(self) -> dict[str, nn.Module]:
@@ -161,6 +163,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.state_weights(), training_state, state,
                                         keep=self.config.keep_checkpoints)
         self.accelerator.wait_for_everyone()
+        self._last_save = time.monotonic()
         return path
 
     def _load(self, path: Path) -> None:
@@ -260,7 +263,8 @@ class Trainer:
                                        lambda b: self.method.critic_loss(b, samples.get(id(b))), batches)
             if "skipped" in critic_logs:
                 logs["skipped"] = 1.0
-            logs.update({k: v for k, v in critic_logs.items() if k != "skipped"})
+            # a name both turns log (a method's shared diagnostic) keeps both values, the critic's prefixed
+            logs.update({(f"critic_{k}" if k in logs else k): v for k, v in critic_logs.items() if k != "skipped"})
         if logs.get("skipped"):
             self.nan_streak += 1
             self.nan_total += 1
@@ -275,7 +279,31 @@ class Trainer:
         return logs
 
     # ------------------------------------------------------------------ loop
-    def _log(self, logs: dict) -> None:
+    def _accumulate(self, logs: dict) -> None:
+        """Add one step's logs to the interval's sums (each key averaged over the steps that logged it)."""
+        for k, v in logs.items():
+            total, count = self._interval.get(k, (0.0, 0))
+            self._interval[k] = (total + float(v), count + 1)
+
+    def _interval_means(self) -> dict:
+        """Mean over the steps since the last log line of every logged value; learning rates: the latest.
+
+        A generator that updates every ``generator_every`` steps is in every line whose interval holds one
+        of its steps, whatever ``log_every`` is. ``skipped`` becomes the fraction of skipped steps.
+        """
+        steps = max(self.step - self._interval_start, 1)
+        means = {}
+        for k, (total, count) in self._interval.items():
+            if k.endswith("_lr"):
+                means[k] = self._last_lr.get(k, total / count)
+            elif k == "skipped":
+                means[k] = total / steps
+            else:
+                means[k] = total / count
+        self._interval, self._interval_start = {}, self.step
+        return means
+
+    def _log(self, logs: dict, phase: str = "train") -> None:
         if not self.accelerator.is_main_process:
             return
         if self._log_file is None:
@@ -286,28 +314,58 @@ class Trainer:
                 self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
             except Exception:  # tensorboard is optional
                 self._tb = None
-        record = {"step": self.step, "time": time.time(), **logs}
+        record = {"step": self.step, "time": time.time(), "phase": phase, **logs}
         self._log_file.write(json.dumps(record) + "\n")
         self._log_file.flush()
         if self._tb is not None:
             for k, v in logs.items():
                 self._tb.add_scalar(k, v, self.step)
 
+    def _boundary(self) -> tuple[int, bool]:
+        """(signal asking to stop, time checkpoint due), the same in every process.
+
+        One all-reduce (MAX) per step: a signal any process received stops all of them at this boundary,
+        and the checkpoint clock is rank 0's (the others contribute 0), so every process saves together.
+        """
+        minutes = self.config.checkpoint_minutes
+        due = bool(minutes and minutes > 0 and self.rank == 0 and time.monotonic() - self._last_save >= 60 * minutes)
+        signum = interrupt.requested()
+        if self.world > 1 and dist.is_initialized():
+            flags = torch.tensor([float(signum), float(due)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            signum, due = int(flags[0].item()), bool(flags[1].item() > 0)
+        return signum, due
+
     def run(self) -> dict:
+        """Train to ``config.steps``; returns the last step's logs.
+
+        SIGINT / SIGTERM (see :mod:`distill.interrupt`) finish the current step, save a checkpoint in every
+        process at once, log the partial interval and raise :class:`~distill.interrupt.Interrupted`.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.config
         bar = tqdm(total=cfg.steps, initial=self.step, desc="distill", dynamic_ncols=True,
                    disable=not (self.progress and self.accelerator.is_main_process))
         logs: dict = {}
+        installed = interrupt.install()
+        self._last_save = time.monotonic()
+        self._interval, self._interval_start, self._last_lr = {}, self.step, {}
         try:
             while self.step < cfg.steps:
                 logs = self.train_step()
+                self._accumulate(logs)
+                self._last_lr.update({k: v for k, v in logs.items() if k.endswith("_lr")})
                 bar.update(1)
-                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    self._log(logs)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "loss" in k})
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                signum, due = self._boundary()
+                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == cfg.steps or signum):
+                    means = self._interval_means()
+                    self._log(means)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if "loss" in k})
+                if signum:
+                    path = self.save()
+                    raise interrupt.Interrupted(signum, f"checkpoint {path or self.checkpoint_root} at step {self.step}")
+                if self.step < cfg.steps and (due or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save()
                 if self.sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0 \
                         and self.accelerator.is_main_process:
@@ -316,6 +374,8 @@ class Trainer:
             if self.sample_fn and cfg.sample_every and self.accelerator.is_main_process:
                 self.write_samples()
         finally:
+            if installed:
+                interrupt.uninstall()
             bar.close()
             if self._log_file is not None:
                 self._log_file.close()

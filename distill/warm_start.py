@@ -5,14 +5,31 @@ the teacher's deterministic sampler; DMD2 drops it in general but keeps "a short
 for its one-step SDXL model (DMD2 Sec. 5.3). Here the pairs are made on the fly from the run's own
 batch source (same noise, same conditioning) with the teacher's DDIM sampler and guidance, and the loss
 is MSE in x0 space (DMD used LPIPS on decoded images).
+
+With a run folder, the warm start keeps its progress like training does: a checkpoint in
+``RUN/checkpoints/warm_start/step_*`` (student weights, Adam state, iteration; ``state.json`` has
+``"phase": "warm_start"`` and ``"done"``) every ``train.checkpoint_minutes``, on SIGINT / SIGTERM and at the
+end; a restarted run continues from it bitwise (the pairs are a function of the iteration). Its loss goes
+to ``RUN/log.jsonl`` with ``"phase": "warm_start"`` (mean over each ``train.log_every`` iterations). It runs
+before the process group exists, so every process computes it alike and only rank 0 writes.
 """
 from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from distill.config import WarmStartConfig
+from distill import checkpoint as ckpt
+from distill import interrupt
+from distill.config import TrainConfig, WarmStartConfig
+from distill.models.errors import ToolkitError
 from distill.samplers import sample_ddim
+
+WARM_START_DIR = ckpt.WARM_START_DIR  # under RUN/checkpoints
 
 
 def _ode_from(teacher, x: torch.Tensor, t_start, timesteps: torch.Tensor, cond, guidance: float) -> torch.Tensor:
@@ -34,25 +51,90 @@ def _make_pairs(student, teacher, batch, timesteps, guidance: float) -> list[tup
     return pairs
 
 
-def _pair_batches(student, teacher, data, config: WarmStartConfig, timesteps, device):
-    """Yield (batch, pairs per step) forever: from a fixed pool of ``config.pairs`` pairs, or fresh pairs each step."""
-    rows = slice(0, data.global_batch_size)
-    if config.pairs <= 0:
-        step = 0
-        while True:
-            # negative steps keep warm-start batches apart from the training batches of the same run
-            batch = data(-1 - step, rows, device)
-            yield batch, _make_pairs(student, teacher, batch, timesteps, config.guidance_scale)
-            step += 1
-    pool = []
-    for i in range(-(-config.pairs // data.global_batch_size)):
-        batch = data(-1 - i, rows, device)
-        pool.append((batch, _make_pairs(student, teacher, batch, timesteps, config.guidance_scale)))
-    while True:
-        yield from pool
+class _PairBatches:
+    """``pairs(it) -> (batch, pairs per step)`` for warm-start iteration ``it``: a function of ``it`` alone (so a
+    resumed warm start sees what an uninterrupted one would), from a fixed pool of ``config.pairs`` pairs made
+    once and cycled, or fresh pairs each iteration."""
+
+    def __init__(self, student, teacher, data, config: WarmStartConfig, timesteps, device):
+        self.student, self.teacher, self.data, self.config = student, teacher, data, config
+        self.timesteps, self.device = timesteps, device
+        self.rows = slice(0, data.global_batch_size)
+        self.pool = None
+
+    def _make(self, index: int):
+        # negative steps keep warm-start batches apart from the training batches of the same run
+        batch = self.data(-1 - index, self.rows, self.device)
+        return batch, _make_pairs(self.student, self.teacher, batch, self.timesteps, self.config.guidance_scale)
+
+    def __call__(self, it: int):
+        if self.config.pairs <= 0:
+            return self._make(it)
+        if self.pool is None:
+            size = -(-self.config.pairs // max(self.data.global_batch_size, 1))
+            self.pool = [self._make(i) for i in range(size)]
+            if not self.pool:  # cannot happen with checked configs; never cycle over nothing
+                raise ToolkitError("student.warm_start.pairs made no pairs; check data.batch_size")
+        return self.pool[it % len(self.pool)]
 
 
-def regression_warm_start(student, teacher, data, config: WarmStartConfig, device=None, progress: bool = True) -> float:
+class _Progress:
+    """The warm start's checkpoints and log lines in a run folder (rank 0 writes; every rank may load)."""
+
+    def __init__(self, run_dir: str | Path | None, train: TrainConfig | None):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.root = self.run_dir / "checkpoints" / WARM_START_DIR if self.run_dir is not None else None
+        self.main = os.environ.get("RANK", "0") == "0"
+        self.minutes = train.checkpoint_minutes if train is not None else 0
+        self.log_every = train.log_every if train is not None else 0
+        self.last_save = time.monotonic()
+        self.losses: list[float] = []
+
+    def load(self, student, opt) -> tuple[int, dict]:
+        """(iteration to start from, state.json) from the newest intact warm-start checkpoint, or (0, {})."""
+        if self.root is None:
+            return 0, {}
+        path = ckpt.newest_intact(self.root)
+        if path is None:
+            return 0, {}
+        from distill.engine import _load_trainable_state
+
+        weights, training_state, state = ckpt.load_checkpoint(path)
+        _load_trainable_state(student, weights["student"])
+        opt.load_state_dict(training_state["optimizer"])
+        if self.main:
+            print(f"warm start: resuming from {path} (iteration {state['step']})")
+        return int(state["step"]), state
+
+    def save(self, student, opt, it: int, loss: float, done: bool) -> None:
+        self.last_save = time.monotonic()
+        if self.root is None or not self.main:
+            return
+        from distill.engine import _trainable_state
+
+        ckpt.save_checkpoint(self.root, it, {"student": _trainable_state(student)}, {"optimizer": opt.state_dict()},
+                             {"phase": "warm_start", "done": done, "loss": loss}, keep=1)
+
+    def due(self) -> bool:
+        return bool(self.minutes and self.minutes > 0 and time.monotonic() - self.last_save >= 60 * self.minutes)
+
+    def log(self, it: int, loss: float, flush: bool) -> None:
+        """Record iteration ``it``'s loss; write the interval's mean every ``log_every`` iterations (or ``flush``)."""
+        self.losses.append(loss)
+        if self.run_dir is None or not self.main or not self.log_every or not self.losses:
+            return
+        if it % self.log_every and not flush:
+            return
+        record = {"step": it, "time": time.time(), "phase": "warm_start",
+                  "warm_start_loss": sum(self.losses) / len(self.losses)}
+        self.losses = []
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def regression_warm_start(student, teacher, data, config: WarmStartConfig, device=None, progress: bool = True,
+                          run_dir: str | Path | None = None, train: TrainConfig | None = None) -> float:
     """Train ``student`` to reproduce ``teacher``'s DDIM output, at each of its steps.
 
     Noise and conditioning come from the run's batch source ``data(step, rows, device)``. With
@@ -60,6 +142,9 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
     precomputed regression dataset); otherwise every step makes fresh pairs. Multi-step students regress
     every step (each iteration trains all of them, each on a K-th of the batch): the step at ``t_k`` sees a
     teacher sample re-noised to ``t_k`` and learns the teacher's ODE from there. Returns the last loss.
+
+    ``run_dir`` (and ``train`` for its checkpoint / log cadence): keep progress there and resume from it (see
+    the module docstring); raises :class:`~distill.interrupt.Interrupted` after saving on SIGINT / SIGTERM.
     """
     if config.steps <= 0:
         return float("nan")
@@ -68,10 +153,15 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
     timesteps = schedule.inference_timesteps(config.ode_steps, **spacing)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr)
-    pairs = _pair_batches(student, teacher, data, config, timesteps, device)
+    keeper = _Progress(run_dir, train)
+    start, state = keeper.load(student, opt)
+    if state.get("done"):
+        return float(state.get("loss", float("nan")))
+    pairs = _PairBatches(student, teacher, data, config, timesteps, device)
     loss = torch.tensor(float("nan"))
-    for it in tqdm(range(config.steps), desc="warm start", disable=not progress):
-        batch, per_step = next(pairs)
+    for it in tqdm(range(start, config.steps), desc="warm start", disable=not progress, initial=start,
+                   total=config.steps):
+        batch, per_step = pairs(it)
         # a K-step student trains each step on its own K-th of the batch's rows (rotating with the iteration,
         # so a cycled pool's rows reach every step), all steps in one forward: an iteration costs what a
         # one-step student's does. Batches smaller than K give every step all rows.
@@ -88,4 +178,13 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        value = float(loss.detach())
+        signum = interrupt.requested()
+        keeper.log(it + 1, value, flush=bool(signum) or it + 1 == config.steps)
+        if signum:
+            keeper.save(student, opt, it + 1, value, done=False)
+            raise interrupt.Interrupted(signum, f"warm start saved at iteration {it + 1} of {config.steps}")
+        if keeper.due() and it + 1 < config.steps:
+            keeper.save(student, opt, it + 1, value, done=False)
+    keeper.save(student, opt, config.steps, float(loss.detach()), done=True)
     return float(loss.detach())

@@ -65,7 +65,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path, torch_single_t
                               "--no-progress", *TINY], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 90
-        while not marker.exists():
+        while not (marker.exists() and marker.read_text()):  # created and written
             if child.poll() is not None:
                 raise AssertionError(f"child exited early ({child.returncode}): {child.stdout.read().decode()[-2000:]}")
             assert time.time() < deadline, "child never reached the second checkpoint"

@@ -29,7 +29,7 @@ def test_train_then_sample_writes_checkpoints_logs_grids_and_npy(tmp_path, capsy
     (["train", "recipes/nope.yaml", "--out", "{tmp}/r"], "recipe not found"),
     (["train", "recipes/toy_ring8_dmd2.yaml", "--out", "{tmp}/r", "train.stepz=3"], "unknown config key"),
     (["train", "recipes/toy_ring8_dmd2.yaml", "--out", "{tmp}/r", "method.name=nope"], "unknown method"),
-    (["train", "recipes/toy_ring8_dmd2.yaml", "--out", "{tmp}/r", "teacher.preset=nope"], "unknown mixture preset"),
+    (["train", "recipes/toy_ring8_dmd2.yaml", "--out", "{tmp}/r", "teacher.preset=nope"], "teacher.preset='nope' is not allowed"),
     (["sample", "{tmp}", "--n", "3", "--out", "{tmp}/x.npy"], "not a run folder"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, args, message):
