@@ -61,8 +61,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from distill.sample_grids import sample_grid_writer
 
     out = cli_checks.out_dir(args.out)
-    if args.resume not in ("auto", "none"):
-        cli_checks.existing(args.resume, "--resume")
     config = load_config(args.config, args.overrides)
     overwrite = getattr(args, "overwrite", False)
     resume = "none" if overwrite else args.resume

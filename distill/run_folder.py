@@ -58,10 +58,16 @@ def _resolved(config) -> dict:
     return _flat(data)
 
 
-def config_differences(saved, new) -> list[str]:
-    """Dotted keys whose values differ between two :class:`~distill.config.Config` objects."""
+def config_differences(saved, new) -> dict[str, tuple]:
+    """``{dotted key: (saved value, new value)}`` where two :class:`~distill.config.Config` objects differ.
+
+    A different method is one difference (``method.name``), not one per option of the two methods.
+    """
     a, b = _resolved(saved), _resolved(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    if "method.name" in keys:
+        keys = [k for k in keys if not k.startswith("method.") or k == "method.name"]
+    return {k: (a.get(k, "<unset>"), b.get(k, "<unset>")) for k in keys}
 
 
 def _saved_config(run: Path):
@@ -95,11 +101,12 @@ def check_run_folder(run: str | Path, config, resume: str, overwrite: bool = Fal
         saved = _saved_config(source)
         if saved is None:
             continue
-        changed = [k for k in config_differences(saved, config) if k not in RESUMABLE_KEYS]
+        changed = {k: v for k, v in config_differences(saved, config).items() if k not in RESUMABLE_KEYS}
         if changed:
-            shown = ", ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
-            raise ToolkitError(f"{source} was trained with a different recipe ({shown} differ); resuming may "
-                               f"change only {', '.join(k.split('.', 1)[1] for k in RESUMABLE_KEYS)} -- use a "
+            shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:6])
+            shown += f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            raise ToolkitError(f"{source} was trained with a different recipe ({shown}); resuming may "
+                               f"change only {', '.join(RESUMABLE_KEYS)} -- use a "
                                f"new --out folder, or --overwrite to start over")
 
 
