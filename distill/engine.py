@@ -303,7 +303,7 @@ class Trainer:
         self._interval, self._interval_start = {}, self.step
         return means
 
-    def _log(self, logs: dict, phase: str = "train") -> None:
+    def _log(self, logs: dict) -> None:
         if not self.accelerator.is_main_process:
             return
         if self._log_file is None:
@@ -314,7 +314,7 @@ class Trainer:
                 self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
             except Exception:  # tensorboard is optional
                 self._tb = None
-        record = {"step": self.step, "time": time.time(), "phase": phase, **logs}
+        record = {"step": self.step, "time": time.time(), **logs}  # (warm-start lines carry "phase": "warm_start")
         self._log_file.write(json.dumps(record) + "\n")
         self._log_file.flush()
         if self._tb is not None:
