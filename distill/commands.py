@@ -57,11 +57,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from distill import cli_checks, interrupt, run_folder
     from distill.build import build_run
     from distill.config import load_config
+    from distill.config_rules import check_world
     from distill.engine import Trainer
     from distill.sample_grids import sample_grid_writer
 
     out = cli_checks.out_dir(args.out)
     config = load_config(args.config, args.overrides)
+    check_world(config, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun / accelerate set it before we start
     overwrite = getattr(args, "overwrite", False)
     resume = "none" if overwrite else args.resume
     run_folder.check_run_folder(out, config, args.resume, overwrite)

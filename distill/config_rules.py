@@ -252,6 +252,13 @@ def check_fields(obj, where: str = "") -> None:
             rule.check(value, where + name)
 
 
+def check_world(config, world: int) -> None:
+    """The per-process rule, once the number of processes is known: rows split evenly into micro-batches."""
+    if world > 1 and config.data.batch_size % (world * config.train.grad_accum):
+        raise ToolkitError(f"data.batch_size={config.data.batch_size} must divide by processes x train.grad_accum "
+                           f"({world} x {config.train.grad_accum})")
+
+
 def check_config(config) -> None:
     """Rules across fields of a whole :class:`~distill.config.Config` (fields were checked when built)."""
     data, train = config.data, config.train

@@ -362,7 +362,7 @@ class Trainer:
                     means = self._interval_means()
                     self._log(means)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if "loss" in k})
-                if signum:
+                if signum and self.step < cfg.steps:  # (after the last step, the final save below is the same)
                     path = self.save()
                     raise interrupt.Interrupted(signum, f"checkpoint {path or self.checkpoint_root} at step {self.step}")
                 if self.step < cfg.steps and (due or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):

@@ -38,7 +38,8 @@ def test_lambda_one_is_dmd2_bitwise(tmp_path):
     overrides = ["student.warm_start.steps=50", "student.warm_start.pairs=512", "train.steps=12",
                  "train.log_every=0", "method.generator_every=2"]
     esd_config = load_config(RECIPE, overrides)
-    dmd_config = load_config(RECIPE, overrides + ["method.name=dmd2"])
+    dmd_config = load_config(RECIPE, overrides)  # the same recipe as DMD2 (entropy_weight is not a DMD2 key)
+    dmd_config.method["name"] = "dmd2"
     del dmd_config.method["entropy_weight"]
     assert esd_config.method["entropy_weight"] == 1.0
     _, esd, esd_trainer = _train(esd_config, tmp_path / "esd")

@@ -155,3 +155,11 @@ def test_cli_options_are_checked_before_slow_work(trained_run, tmp_path, capsys)
     _refused(capsys, ["fid-stats", str(images), "--out", str(afile / "s.npz")], "cannot be created")
     _refused(capsys, ["clip", str(images), str(tmp_path / "none.txt"), "--workers", "-1"], "--workers -1 is out of range")
     assert snapshot(trained_run) == before
+
+
+def test_per_process_batch_rule_is_checked_before_building(trained_run, capsys, monkeypatch):
+    before = snapshot(trained_run)
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun sets it: 16 rows cannot split over 3 processes
+    _refused(capsys, ["train", RECIPE, "--out", str(trained_run), "--no-progress", *TINY],
+             "data.batch_size=16 must divide by processes x train.grad_accum (3 x 1)")
+    assert snapshot(trained_run) == before
