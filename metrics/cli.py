@@ -77,19 +77,17 @@ def _add_run_options(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
 
-def _check_run_options(args: argparse.Namespace, *inputs: str) -> None:
-    """Options and inputs checked before any model is loaded (one ``error:`` line, exit 2)."""
+def _check_run_options(args: argparse.Namespace) -> None:
+    """Numeric options and the device, checked before any model is loaded (one ``error:`` line, exit 2)."""
     from distill import cli_checks
 
     cli_checks.at_least("--batch-size", args.batch_size, 1)
     cli_checks.at_least("--workers", args.workers, 0)
     cli_checks.device(args.device)
-    for name in inputs:
-        cli_checks.existing(getattr(args, name), name)
 
 
 def run_fid(args: argparse.Namespace) -> int:
-    _check_run_options(args, "a", "b")
+    _check_run_options(args)
     with _one_line_warnings():
         value = fid(args.a, args.b, **_fid_kwargs(args))
     _report(args, {"fid": value, "a": args.a, "b": args.b}, f"FID: {value:.6f}")
@@ -99,7 +97,7 @@ def run_fid(args: argparse.Namespace) -> int:
 def run_fid_stats(args: argparse.Namespace) -> int:
     from distill import cli_checks
 
-    _check_run_options(args, "folder")
+    _check_run_options(args)
     cli_checks.out_file(args.out)
     with _one_line_warnings():
         stats = compute_stats(args.folder, **_fid_kwargs(args))
@@ -109,7 +107,7 @@ def run_fid_stats(args: argparse.Namespace) -> int:
 
 
 def run_clip(args: argparse.Namespace) -> int:
-    _check_run_options(args, "images", "prompts")
+    _check_run_options(args)
     with _one_line_warnings():
         value = clip_score(
             args.images,

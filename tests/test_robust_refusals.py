@@ -151,7 +151,7 @@ def test_cli_options_are_checked_before_slow_work(trained_run, tmp_path, capsys)
         _refused(capsys, ["fid", str(images), str(images), "--device", "cuda"], "no CUDA device is available")
     _refused(capsys, ["fid", str(images), str(images), "--device", "gpu0"], "is not a device name")
     _refused(capsys, ["fid", str(images), str(images), "--batch-size", "0"], "--batch-size 0 is out of range")
-    _refused(capsys, ["fid", str(images), str(tmp_path / "missing")], "no such path")
+    _refused(capsys, ["fid", str(tmp_path / "missing"), str(images)], "path not found")
     _refused(capsys, ["fid-stats", str(images), "--out", str(afile / "s.npz")], "cannot be created")
     _refused(capsys, ["clip", str(images), str(tmp_path / "none.txt"), "--workers", "-1"], "--workers -1 is out of range")
     assert snapshot(trained_run) == before
