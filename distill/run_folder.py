@@ -14,11 +14,8 @@ config (:func:`check_run_folder`):
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
-
-import yaml
 
 from distill import checkpoint as ckpt
 from distill.models.errors import ToolkitError
@@ -122,9 +119,9 @@ def clear_run(run: str | Path) -> None:
 
 
 def write_config(config, run: str | Path) -> None:
-    """Write ``run/config.yaml`` atomically (a temporary file renamed into place)."""
+    """Write ``run/config.yaml`` atomically, creating the folder."""
+    from distill.config import save_config
+
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    tmp = run / f".config.yaml.tmp-{os.getpid()}"
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, run / "config.yaml")
+    save_config(config, run / "config.yaml")
