@@ -8,6 +8,7 @@ teacher's weights".
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
@@ -128,6 +129,9 @@ def _diffusers_student_denoiser(base: Denoiser, config: Config) -> Denoiser:
     if not hasattr(unet, "config") or not hasattr(type(unet), "from_config"):
         raise ToolkitError(f"student.time_cond_proj_dim needs a diffusers UNet, got {type(unet).__name__}")
     student = type(unet).from_config(unet.config, time_cond_proj_dim=int(dim))
+    # onto the teacher's device before loading: the copy then stays on the device (and a meta teacher has no
+    # data to copy to the CPU)
+    student.to(next(unet.parameters()).device)
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
     new = [k for k in missing if not k.startswith("time_embedding.cond_proj")]
     if new or unexpected:
@@ -136,7 +140,7 @@ def _diffusers_student_denoiser(base: Denoiser, config: Config) -> Denoiser:
     with torch.no_grad():
         for param in student.time_embedding.cond_proj.parameters():
             param.zero_()
-    student.to(next(unet.parameters()).device).train().requires_grad_(True)  # fp32, as created
+    student.train().requires_grad_(True)  # fp32, as created
     return Denoiser(student, base.schedule, base.prediction_type)
 
 
@@ -160,8 +164,31 @@ def build_models(config: Config, need_fake_score: bool = True, device=None) -> M
 
     Initialisation draws from the global RNG seeded with ``train.seed``, so every process of a run (and a
     run and its resumed continuation) builds the same initial networks, whatever ran before.
+
+    ``device``: where every module, buffer and encoder of the run lives (the process's device, e.g.
+    ``accelerator.device``); None keeps the CPU. Toy nets are initialised on the CPU (the same numbers on
+    every device) and then moved; diffusers weights are loaded straight onto the device.
     """
     torch.manual_seed(config.train.seed)
+    models = _build_models(config, need_fake_score, device)
+    if device is not None:
+        if models.mixture is not None:
+            # the teacher's mixture goes to the device with the teacher; ``models.mixture`` stays a host copy that
+            # data and evaluation draw from with CPU generators (the same numbers on every device), then move
+            models.mixture = copy.deepcopy(models.mixture)
+        place_models(models, device)
+    return models
+
+
+def place_models(models: Models, device) -> Models:
+    """Move every role of ``models`` to ``device`` (text encoders and the VAE were loaded there)."""
+    for module in (models.teacher, models.student, models.fake_score):
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
+    return models
+
+
+def _build_models(config: Config, need_fake_score: bool, device) -> Models:
     tcfg = config.teacher
     if tcfg.kind == "gmm":
         from distill.models.analytic import build_mixture, mixture_conditioner, mixture_denoiser
@@ -261,7 +288,11 @@ def example_batch(data, device=None):
 
 
 def build_run(config: Config, device=None, warm_start: bool = True, progress: bool = False):
-    """(models, method, data) for training. ``warm_start=False`` skips the regression warm start (resuming)."""
+    """(models, method, data) for training. ``warm_start=False`` skips the regression warm start (resuming).
+
+    ``device``: the process's device; models, the warm start and the GAN head's sizing batch all use it.
+    """
+    device = torch.device(device) if device is not None else None
     cls = method_class(config.method["name"])
     mcfg = method_config(config)
     models = build_models(config, need_fake_score=getattr(cls, "needs_fake_score", True), device=device)

@@ -32,12 +32,14 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", default=None, help="prompt (text-to-image students)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA exists")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None, help="where to run (default: this process's GPU if any, else cpu)")
     p.set_defaults(func=cmd_sample)
 
     p = subparsers.add_parser("export", help="export a trained student to a diffusers folder or LoRA weights")
     p.add_argument("run", help="run folder written by `distill train`")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default=None, help="where to rebuild the student (default: GPU if any, else cpu)")
     p.set_defaults(func=cmd_export)
 
 
@@ -53,11 +55,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_config(config, out / "config.yaml")
     from distill import checkpoint as ckpt
 
-    device = "cuda" if torch.cuda.is_available() else None
+    from distill.parallel import make_accelerator
+
+    # the Accelerator first: it knows this process's device (cuda:LOCAL_RANK), and everything is built there
+    accelerator = make_accelerator(config.train)
     resuming = args.resume != "none" and ckpt.resolve_resume(args.resume, out / "checkpoints") is not None
-    models, method, data = build_run(config, device=device, warm_start=not resuming, progress=not args.no_progress)
+    models, method, data = build_run(config, device=accelerator.device, warm_start=not resuming,
+                                     progress=not args.no_progress and accelerator.is_main_process)
     trainer = Trainer(method, data, config.train, config.generator_optim, config.critic_optim, out,
-                      resume=None if args.resume == "none" else args.resume,
+                      resume=None if args.resume == "none" else args.resume, accelerator=accelerator,
                       sample_fn=sample_grid_writer(models, config), progress=not args.no_progress)
     if trainer.resumed_from is not None:
         print(f"resuming from {trainer.resumed_from}")
@@ -68,8 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_run(run: str | Path, use_ema: bool = True):
-    """Rebuild the models of a run and load its latest student weights. Returns (config, models)."""
+def load_run(run: str | Path, use_ema: bool = True, device=None):
+    """Rebuild the models of a run on ``device`` (default: GPU if any) and load its latest student weights.
+
+    Returns (config, models)."""
     from distill import checkpoint as ckpt
     from distill.build import build_models, method_class
     from distill.config import load_config
@@ -81,9 +89,9 @@ def load_run(run: str | Path, use_ema: bool = True):
     found = ckpt.list_checkpoints(run / "checkpoints")
     if not found:
         raise ToolkitError(f"no checkpoint in {run / 'checkpoints'}; train first")
-    if config.teacher.kind == "gmm":
-        pass
-    models = build_models(config, need_fake_score=False)
+    from distill.parallel import default_device
+
+    models = build_models(config, need_fake_score=False, device=default_device(device))
     weights, _, _ = ckpt.load_checkpoint(found[-1])
     from distill.engine import _load_trainable_state
 
@@ -100,8 +108,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.n <= 0:
         raise ToolkitError("--n must be positive")
-    config, models = load_run(args.run, use_ema=not args.no_ema)
+    config, models = load_run(args.run, use_ema=not args.no_ema, device=args.device)
     student = models.student
+    device = student.timesteps.device
     timesteps = student.timesteps if args.steps is None else student.timesteps[:args.steps]
     if args.steps is not None and not 1 <= args.steps <= student.num_steps:
         raise ToolkitError(f"--steps must be between 1 and {student.num_steps} (the student's timesteps)")
@@ -110,9 +119,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     chunks = []
     for start in range(0, args.n, args.batch_size):
         n = min(args.batch_size, args.n - start)
-        z = torch.randn(n, *models.sample_shape, generator=g)
-        c = cond(n) if cond is not None else None
-        chunks.append(sample_student(student, z, c, timesteps, generator=g))
+        # noise drawn on the CPU generator, then moved: the same seed gives the same samples on every device
+        z = torch.randn(n, *models.sample_shape, generator=g).to(device)
+        c = cond(n).to(device) if cond is not None else None
+        chunks.append(sample_student(student, z, c, timesteps, generator=g).float().cpu())
     samples = torch.cat(chunks)
     out = Path(args.out)
     if len(models.sample_shape) == 1:
@@ -144,7 +154,7 @@ def _sample_cond(models, args):
 def cmd_export(args: argparse.Namespace) -> int:
     from distill.models import export
 
-    config, models = load_run(args.run, use_ema=not args.no_ema)
+    config, models = load_run(args.run, use_ema=not args.no_ema, device=args.device)
     if models.pipeline is None:
         raise ToolkitError("export needs a diffusers teacher (sdxl / sd15); toy students are sampled with "
                            "`distill sample`")

@@ -46,9 +46,12 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig):
     if not params:
         return None, None
     kwargs = dict(lr=cfg.lr, betas=tuple(float(b) for b in cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
-    try:  # one fused kernel over all parameters: the per-tensor loop cost ~4x more (2/3 of DMD2's overhead on CPU)
-        opt = torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+    # one fused kernel over all parameters: the per-tensor loop cost ~4x more (2/3 of DMD2's overhead on CPU);
+    # devices without a fused kernel (meta, ...) fail only at the first step, so they are excluded up front
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    try:
+        opt = torch.optim.AdamW(params, fused=fused, **kwargs)
+    except (RuntimeError, ValueError):  # a dtype without a fused kernel
         opt = torch.optim.AdamW(params, **kwargs)
     warmup = max(int(cfg.warmup_steps), 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -100,12 +103,11 @@ class Trainer:
     def __init__(self, method: Method, data: BatchSource, config: TrainConfig, generator_optim: OptimConfig,
                  critic_optim: OptimConfig, out_dir: str | Path, resume: str | None = None,
                  sample_fn: Callable[[int, Path], None] | None = None, accelerator=None, progress: bool = True):
-        from accelerate import Accelerator
+        from distill.parallel import make_accelerator
 
         self.method, self.data, self.config = method, data, config
         self.out_dir = Path(out_dir)
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision,
-                                                      cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or make_accelerator(config)
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.sample_fn, self.progress = sample_fn, progress

@@ -27,9 +27,9 @@ def _make_pairs(student, teacher, batch, timesteps, guidance: float) -> list[tup
     x0 = sample_ddim(teacher, batch.noise, batch.cond, timesteps, guidance)
     pairs = [(student.input_from_noise(batch.noise), x0)]
     for k in range(1, student.num_steps):
-        t_k = student.timesteps[k]
+        t_k = student.timestep_values[k]  # a python number: it selects the teacher's grid points on the host
         x_t = teacher.schedule.add_noise(x0, batch.rng.fork(2000 + k).randn_like(x0),
-                                         t_k.expand(x0.shape[0]).to(x0.device))
+                                         student.times(k, x0.shape[0], x0.device))
         pairs.append((x_t, _ode_from(teacher, x_t, t_k, timesteps, batch.cond, guidance)))
     return pairs
 
@@ -52,17 +52,20 @@ def _pair_batches(student, teacher, data, config: WarmStartConfig, timesteps, de
         yield from pool
 
 
-def regression_warm_start(student, teacher, data, config: WarmStartConfig, device=None, progress: bool = True) -> float:
+def regression_warm_start(student, teacher, data, config: WarmStartConfig, device=None,
+                          progress: bool = True) -> torch.Tensor:
     """Train ``student`` to reproduce ``teacher``'s DDIM output, at each of its steps.
 
     Noise and conditioning come from the run's batch source ``data(step, rows, device)``. With
     ``config.pairs > 0`` a fixed set of noise -> sample pairs is made once and cycled over (DMD's
     precomputed regression dataset); otherwise every step makes fresh pairs. Multi-step students regress
     every step (each iteration trains all of them, each on a K-th of the batch): the step at ``t_k`` sees a
-    teacher sample re-noised to ``t_k`` and learns the teacher's ODE from there. Returns the last loss.
+    teacher sample re-noised to ``t_k`` and learns the teacher's ODE from there. ``device``: the run's
+    device (batches are made there). Returns the last loss, a 0-dim tensor on that device (never read
+    back here: reading it would synchronise the device every step).
     """
     if config.steps <= 0:
-        return float("nan")
+        return torch.tensor(float("nan"))
     schedule = teacher.schedule
     spacing = {"spacing": "trailing"} if schedule.discrete else {}
     timesteps = schedule.inference_timesteps(config.ode_steps, **spacing)
@@ -88,4 +91,4 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return float(loss.detach())
+    return loss.detach()

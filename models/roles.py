@@ -129,7 +129,10 @@ class Student(nn.Module):
         if noise_scale not in ("unit", "sigma"):
             raise ValueError(f"noise_scale must be 'unit' or 'sigma', got {noise_scale!r}")
         self.denoiser = denoiser
+        # a buffer, so it follows the student to its device (a CPU copy in device maths fails on CUDA); the
+        # python values serve host-side control flow without reading the device
         self.register_buffer("timesteps", torch.as_tensor(list(timesteps)), persistent=False)
+        self.timestep_values = tuple(float(t) for t in timesteps)
         self.noise_scale = noise_scale
 
     @property

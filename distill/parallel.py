@@ -1,0 +1,75 @@
+"""Processes, devices and how modules are wrapped for N processes.
+
+The run's device must be known *before* anything is built: with N processes on one node every rank
+builds its own copies of the teacher, the student, the fake score and the text encoders, and builds
+them directly on its own GPU (``LOCAL_RANK``), never on GPU 0 and never on the CPU first.
+:func:`make_accelerator` creates the ``accelerate.Accelerator`` (which initialises the process group and
+picks ``cuda:LOCAL_RANK``) from the recipe's ``train`` section, and refuses settings the engine cannot
+honour, in one line, before any slow work.
+
+Why not accelerate's own FSDP/DeepSpeed plugins: the Trainer never calls ``accelerator.prepare`` (the fake
+score is trainable in the critic step and frozen in the generator step; see ``distill/engine.py``), so
+an accelerate config that asks for FSDP or DeepSpeed would be silently ignored. It is refused instead.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from distill.models.errors import ToolkitError
+
+#: mixed-precision settings the engine honours. fp16 needs a loss scaler, which the engine does not have
+#: (and DMD2 reports that fp16 diverges for SDXL): refused rather than silently unscaled.
+MIXED_PRECISION = ("no", "bf16")
+
+
+def check_mixed_precision(mode: str) -> str:
+    """``mode`` if the engine honours it; ToolkitError otherwise (``fp16``: no loss scaler)."""
+    mode = {"bfloat16": "bf16", "none": "no", "fp32": "no", "float32": "no"}.get(str(mode), str(mode))
+    if mode in ("fp16", "float16"):
+        raise ToolkitError("train.mixed_precision fp16 is not supported (no loss scaler; fp16 diverges for "
+                           "DMD2-class losses): use bf16 or no")
+    if mode not in MIXED_PRECISION:
+        raise ToolkitError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {mode!r}")
+    return mode
+
+
+def _refuse_unhonoured_accelerate_plugins() -> None:
+    """An accelerate config asking for FSDP / DeepSpeed / Megatron would be silently ignored: refuse it."""
+    env = os.environ
+    asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
+                                     ("Megatron-LM", "ACCELERATE_USE_MEGATRON_LM"))
+             if env.get(flag, "false").lower() in ("1", "true", "yes")]
+    if asked:
+        raise ToolkitError(f"the accelerate config asks for {asked[0]}, which distill does not take from accelerate; "
+                           f"remove it from the accelerate config (distill shards with train.parallel=fsdp)")
+
+
+def make_accelerator(train_config):
+    """The run's ``Accelerator``: processes, this process's device and mixed precision.
+
+    Call it before building models, and build on ``accelerator.device``. Raises ToolkitError for
+    ``mixed_precision: fp16`` or an accelerate FSDP/DeepSpeed config (nothing would honour them).
+    """
+    from accelerate import Accelerator
+
+    mode = check_mixed_precision(getattr(train_config, "mixed_precision", "no"))
+    _refuse_unhonoured_accelerate_plugins()
+    return Accelerator(mixed_precision=mode, cpu=not torch.cuda.is_available())
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given; else this process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU.
+
+    For commands that run in one process (``distill sample`` / ``export``) and for library callers that did
+    not create an Accelerator.
+    """
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ToolkitError(f"invalid device {device!r}: {err}") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
