@@ -20,7 +20,7 @@ import torch
 from distill.config import Config, LoraConfig, NetConfig, from_dict
 from distill.models.denoiser import Denoiser
 from distill.models.errors import ToolkitError
-from distill.models.roles import FakeScore, LoraSpec, Student, Teacher, add_lora, make_trainable
+from distill.models.roles import FakeScore, LoraSpec, Student, Teacher, add_lora, make_trainable, share_lora_base
 from distill.models.schedules import build_schedule
 
 #: method name -> "module:Class"
@@ -122,10 +122,7 @@ def _diffusers_student_denoiser(base: Denoiser, config: Config) -> Denoiser:
     dim = scfg.time_cond_proj_dim
     unet = base.backbone
     if not dim or getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) == dim:
-        return make_trainable(base, _lora_spec(scfg.lora))
-    if scfg.lora is not None:
-        raise ToolkitError("student.time_cond_proj_dim adds a new layer that a LoRA student cannot train; use one "
-                           "or the other (LCM-LoRA students have no guidance embedding)")
+        return make_trainable(base)
     if not hasattr(unet, "config") or not hasattr(type(unet), "from_config"):
         raise ToolkitError(f"student.time_cond_proj_dim needs a diffusers UNet, got {type(unet).__name__}")
     student = type(unet).from_config(unet.config, time_cond_proj_dim=int(dim))
@@ -234,10 +231,24 @@ def _build_diffusers_models(config: Config, need_fake_score: bool, device=None) 
     parts = load_pipeline_components(tcfg.path, kind=kind, device=device or "cpu", uncond=tcfg.uncond,
                                      resolution=tuple(tcfg.resolution) if tcfg.resolution else None)
     base = parts.denoiser
-    student = Student(_diffusers_student_denoiser(base, config), config.student.timesteps, config.student.noise_scale)
-    _prepare_student(config, student)
-    fake = FakeScore(make_trainable(base, _lora_spec(config.fake_score.lora))) if need_fake_score else None
+    # LoRA roles are adapters on the teacher's one frozen base (roles.share_lora_base); full roles are fp32 copies
+    lora = {"default": _lora_spec(config.student.lora)}
+    if need_fake_score:
+        lora["fake_score"] = _lora_spec(config.fake_score.lora)
+    lora = {name: spec for name, spec in lora.items() if spec is not None}
+    if "default" in lora and config.student.time_cond_proj_dim:
+        raise ToolkitError("student.time_cond_proj_dim adds a new layer that a LoRA student cannot train; use one "
+                           "or the other (LCM-LoRA students have no guidance embedding)")
+    student_den = _diffusers_student_denoiser(base, config) if "default" not in lora else None
+    fake_den = make_trainable(base) if need_fake_score and "fake_score" not in lora else None
     teacher = Teacher(base, dtype=_DTYPES[tcfg.dtype])  # cast after the fp32 copies were made
+    if lora:
+        views = share_lora_base(teacher, lora)  # adapters in the order student, fake score (as before)
+        student_den = views.get("default", student_den)
+        fake_den = views.get("fake_score", fake_den)
+    student = Student(student_den, config.student.timesteps, config.student.noise_scale)
+    _prepare_student(config, student)
+    fake = FakeScore(fake_den) if need_fake_score else None
     latent_shape = tuple(parts.latent_shape(1)[1:])
     return Models(teacher, student, fake, parts.conditioner, None, latent_shape, pipeline=parts)
 
