@@ -168,6 +168,8 @@ def build_models(config: Config, need_fake_score: bool = True, device=None) -> M
     """
     torch.manual_seed(config.train.seed)
     models = _build_models(config, need_fake_score, device)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(models)
     if device is not None:
         if models.mixture is not None:
             # the teacher's mixture goes to the device with the teacher; ``models.mixture`` stays a host copy that
@@ -175,6 +177,20 @@ def build_models(config: Config, need_fake_score: bool = True, device=None) -> M
             models.mixture = copy.deepcopy(models.mixture)
         place_models(models, device)
     return models
+
+
+def enable_gradient_checkpointing(models: Models) -> None:
+    """diffusers' ``enable_gradient_checkpointing`` on every role's backbone (the teacher too: SiD/SIM
+    back-propagate through it). Activations of each block are recomputed in backward instead of stored."""
+    from distill.models.export import unwrap_unet
+
+    backbones = {id(b): b for b in (unwrap_unet(r) for r in (models.teacher, models.student, models.fake_score)
+                                    if r is not None)}
+    usable = [b for b in backbones.values() if hasattr(b, "enable_gradient_checkpointing")]
+    if not usable:
+        raise ToolkitError("train.gradient_checkpointing needs a diffusers backbone (UNet); toy nets have none")
+    for backbone in usable:
+        backbone.enable_gradient_checkpointing()
 
 
 def place_models(models: Models, device) -> Models:

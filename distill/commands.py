@@ -55,10 +55,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_config(config, out / "config.yaml")
     from distill import checkpoint as ckpt
 
-    from distill.parallel import make_accelerator
+    from distill.parallel import make_accelerator, validate_run_config
 
     # the Accelerator first: it knows this process's device (cuda:LOCAL_RANK), and everything is built there
     accelerator = make_accelerator(config.train)
+    validate_run_config(config, accelerator.num_processes, accelerator.device.type)
     resuming = args.resume != "none" and ckpt.resolve_resume(args.resume, out / "checkpoints") is not None
     models, method, data = build_run(config, device=accelerator.device, warm_start=not resuming,
                                      progress=not args.no_progress and accelerator.is_main_process)

@@ -29,7 +29,7 @@ from torch import nn
 from distill import checkpoint as ckpt
 from distill.config import OptimConfig, TrainConfig
 from distill.ema import EMA
-from distill.methods.base import Batch, Method
+from distill.methods.base import Batch, Method, frozen
 from distill.models.errors import ToolkitError
 
 
@@ -41,11 +41,23 @@ class BatchSource(Protocol):
     def __call__(self, step: int, rows: slice, device) -> Batch: ...
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig):
-    """AdamW with a constant LR after a linear warm-up (DMD2's settings by default in the recipes)."""
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, every: int = 1):
+    """AdamW (or bitsandbytes' 8-bit AdamW) with a constant LR after a linear warm-up.
+
+    The warm-up counts training iterations, as DMD2 does: an optimiser stepped every ``every`` iterations
+    (the generator under TTUR) reaches full LR after ``cfg.warmup_steps`` iterations, not after that many
+    of its own steps. Its k-th step (iteration ``k * every``) uses ``lr * min(1, (k * every + 1) / warmup)``.
+    """
     if not params:
         return None, None
     kwargs = dict(lr=cfg.lr, betas=tuple(float(b) for b in cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+    warmup, every = max(int(cfg.warmup_steps), 0), max(int(every), 1)
+    schedule = (lambda s: min(1.0, (s * every + 1) / warmup)) if warmup else (lambda s: 1.0)
+    if getattr(cfg, "kind", "adamw") == "adamw8bit":
+        from distill.parallel import adamw8bit_class
+
+        opt = adamw8bit_class()(params, **kwargs)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     # one fused kernel over all parameters: the per-tensor loop cost ~4x more (2/3 of DMD2's overhead on CPU);
     # devices without a fused kernel (meta, ...) fail only at the first step, so they are excluded up front
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
@@ -53,9 +65,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig):
         opt = torch.optim.AdamW(params, fused=fused, **kwargs)
     except (RuntimeError, ValueError):  # a dtype without a fused kernel
         opt = torch.optim.AdamW(params, **kwargs)
-    warmup = max(int(cfg.warmup_steps), 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    return opt, sched
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
 @dataclass
@@ -110,6 +120,9 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(config)
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        from distill.parallel import check_parallel
+
+        self.parallel = check_parallel(config, self.world)
         self.sample_fn, self.progress = sample_fn, progress
         global_batch = data.global_batch_size
         if global_batch % (self.world * config.grad_accum):
@@ -121,7 +134,8 @@ class Trainer:
         self.turns: dict[str, _Turn] = {}
         for name, params, cfg in (("generator", method.generator_parameters(), generator_optim),
                                   ("critic", method.critic_parameters(), critic_optim)):
-            opt, sched = build_optimizer(params, cfg)
+            every = method.generator_every if name == "generator" else 1
+            opt, sched = build_optimizer(params, cfg, every)
             if opt is not None:
                 self.turns[name] = _Turn(name, params, opt, sched, cfg.grad_clip)
         if "generator" not in self.turns:
@@ -220,12 +234,16 @@ class Trainer:
         """Backward over micro-batches, sync, clip, NaN guard, step. Returns logs (floats)."""
         turn.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
-        for batch in batches:
-            with self.accelerator.autocast():
-                loss, batch_logs = loss_fn(batch)
-            (loss / len(batches)).backward()
-            for k, v in {f"{turn.name}_loss": loss, **batch_logs}.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
+        # the other optimisers' parameters stay frozen through forward AND backward: gradient checkpointing
+        # recomputes forwards during backward, which must see the same requires_grad flags as the forward did
+        others = [p for t in self.turns.values() if t is not turn for p in t.params]
+        with frozen(*others):
+            for batch in batches:
+                with self.accelerator.autocast():
+                    loss, batch_logs = loss_fn(batch)
+                (loss / len(batches)).backward()
+                for k, v in {f"{turn.name}_loss": loss, **batch_logs}.items():
+                    logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
         self._all_reduce_grads(turn.params)
         norm = torch.nn.utils.clip_grad_norm_(turn.params, turn.grad_clip if turn.grad_clip > 0 else float("inf"))
         logs[f"{turn.name}_grad_norm"] = float(norm)
@@ -234,6 +252,9 @@ class Trainer:
             logs["skipped"] = 1.0
             return logs
         turn.optimizer.step()
+        # free the gradients now, not at this optimiser's next turn: the student's must not sit in memory
+        # through the critic update (and the fake score's through the generator update)
+        turn.optimizer.zero_grad(set_to_none=True)
         turn.scheduler.step()
         logs[f"{turn.name}_lr"] = turn.scheduler.get_last_lr()[0]
         return logs

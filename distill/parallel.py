@@ -54,8 +54,13 @@ def make_accelerator(train_config):
     """
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState
+
     mode = check_mixed_precision(getattr(train_config, "mixed_precision", "no"))
     _refuse_unhonoured_accelerate_plugins()
+    # accelerate keeps one global state per process and refuses a second run (a notebook, a test) with another
+    # precision; the process group (PartialState) is kept, only the precision settings are renewed
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mode, cpu=not torch.cuda.is_available())
 
 
@@ -73,3 +78,42 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def adamw8bit_class():
+    """bitsandbytes' ``AdamW8bit`` (Dettmers et al. 2022, 8-bit optimiser states), or a ToolkitError."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ToolkitError("generator_optim/critic_optim kind adamw8bit needs bitsandbytes (pip install "
+                           "bitsandbytes) and a CUDA device; or use kind: adamw") from None
+    return bnb.optim.AdamW8bit
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+PARALLEL = ("none", "ddp", "fsdp")
+
+
+def check_parallel(train_config, world_size: int) -> str:
+    """``train.parallel`` if the engine can honour it with ``world_size`` processes; ToolkitError otherwise."""
+    mode = getattr(train_config, "parallel", "ddp")
+    if mode not in PARALLEL:
+        raise ToolkitError(f"train.parallel must be one of {', '.join(PARALLEL)}, got {mode!r}")
+    if mode == "none" and world_size > 1:
+        raise ToolkitError(f"train.parallel none runs one process, but {world_size} were launched: use ddp or fsdp")
+    return mode
+
+
+def validate_run_config(config, world_size: int = 1, device_type: str = "cpu") -> None:
+    """Refuse, in one line and before anything is built, settings the engine cannot honour."""
+    train = config.train
+    check_mixed_precision(train.mixed_precision)
+    check_parallel(train, world_size)
+    for section in ("generator_optim", "critic_optim"):
+        kind = getattr(config, section).kind
+        if kind not in OPTIMIZERS:
+            raise ToolkitError(f"{section}.kind must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+        if kind == "adamw8bit":
+            adamw8bit_class()
+            if device_type != "cuda":
+                raise ToolkitError(f"{section}.kind adamw8bit needs a CUDA device (bitsandbytes' 8-bit states)")
