@@ -117,3 +117,107 @@ def validate_run_config(config, world_size: int = 1, device_type: str = "cpu") -
             adamw8bit_class()
             if device_type != "cuda":
                 raise ToolkitError(f"{section}.kind adamw8bit needs a CUDA device (bitsandbytes' 8-bit states)")
+
+
+# ---------------------------------------------------------------------- FSDP2
+def _blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units sharded one by one (each all-gathered just before it runs): a diffusers UNet's down / mid / up
+    blocks; other backbones are one unit."""
+    units = []
+    for name in ("down_blocks", "up_blocks"):
+        units += list(getattr(backbone, name, None) or [])
+    if getattr(backbone, "mid_block", None) is not None:
+        units.append(backbone.mid_block)
+    return units
+
+
+def fsdp_refusal(method, train_config) -> str | None:
+    """Why the engine cannot shard this run with FSDP2 (None: it can)."""
+    from distill.models.roles import AdapterView
+
+    if getattr(method, "discriminator", None) is not None:
+        return ("the GAN head stops the fake score's forward at its bottleneck, which FSDP2's forward hooks "
+                "cannot survive: use train.parallel=ddp for GAN recipes")
+    roles = [getattr(method, n, None) for n in ("teacher", "student", "fake_score")]
+    if any(isinstance(m, AdapterView) for r in roles if r is not None for m in r.modules()):
+        return "LoRA roles share one frozen base and are small: use train.parallel=ddp for LoRA recipes"
+    if getattr(train_config, "sample_every", 0):
+        return "train.sample_every needs every process to sample under FSDP; set it to 0 (sample after training)"
+    return None
+
+
+def shard_roles(method, fsdp_config, device: torch.device) -> dict[str, torch.nn.Module]:
+    """``fully_shard`` (FSDP2, Zhao et al. 2023) the method's roles over all processes, in place.
+
+    Trainable roles (student, fake score) keep fp32 parameters and reduce gradients in fp32; the frozen
+    teacher keeps its own dtype (bf16 for large teachers) and has nothing to reduce. Each UNet block is its
+    own unit, then the backbone root. Returns the sharded backbones by role. Build the optimisers after this:
+    sharding replaces the parameters by DTensors holding this process's shard.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from distill.models.export import unwrap_unet
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mesh = init_device_mesh(device.type, (world,))
+    kwargs = dict(mesh=mesh, reshard_after_forward=bool(fsdp_config.reshard_after_forward))
+    if fsdp_config.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    sharded = {}
+    for name in ("student", "fake_score", "teacher"):
+        role = getattr(method, name, None)
+        if role is None:
+            continue
+        backbone = unwrap_unet(role)
+        if not isinstance(backbone, torch.nn.Module) or not any(True for _ in backbone.parameters()):
+            continue  # an analytic teacher has nothing to shard
+        trainable = any(p.requires_grad for p in backbone.parameters())
+        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32) if trainable else MixedPrecisionPolicy()
+        for unit in _blocks(backbone):
+            fully_shard(unit, mp_policy=mp, **kwargs)
+        fully_shard(backbone, mp_policy=mp, **kwargs)
+        sharded[name] = backbone
+    return sharded
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every sharded tensor gathered to a full CPU tensor (a collective: all processes call it)."""
+    return {n: (t.full_tensor() if is_sharded(t) else t).detach().cpu() for n, t in tensors.items()}
+
+
+def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out as ``target``: this process's shard of it when ``target`` is sharded."""
+    from torch.distributed.tensor import distribute_tensor
+
+    value = value.to(dtype=target.dtype)
+    if is_sharded(target):
+        return distribute_tensor(value.to(target.device_mesh.device_type), target.device_mesh, target.placements)
+    return value.to(target.device)
+
+
+def local_elements(params) -> int:
+    """Elements this process holds of ``params`` (its shards under FSDP)."""
+    return sum((p.to_local() if is_sharded(p) else p).numel() for p in params)
+
+
+def full_optimizer_state(modules: dict[str, torch.nn.Module], optimizer) -> dict:
+    """The optimiser's state with full tensors keyed by parameter name (any world size can load it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(modules: dict[str, torch.nn.Module], optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
