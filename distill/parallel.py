@@ -160,7 +160,10 @@ def shard_roles(method, fsdp_config, device: torch.device) -> dict[str, torch.nn
 
     from distill.models.export import unwrap_unet
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not dist.is_initialized():  # one process (e.g. resuming a sharded run alone): a group of one
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     kwargs = dict(mesh=mesh, reshard_after_forward=bool(fsdp_config.reshard_after_forward))
     if fsdp_config.cpu_offload:
