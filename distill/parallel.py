@@ -26,6 +26,8 @@ MIXED_PRECISION = ("no", "bf16")
 
 def check_mixed_precision(mode: str) -> str:
     """``mode`` if the engine honours it; ToolkitError otherwise (``fp16``: no loss scaler)."""
+    if mode is False or mode is None:  # YAML reads an unquoted ``no`` as false
+        mode = "no"
     mode = {"bfloat16": "bf16", "none": "no", "fp32": "no", "float32": "no"}.get(str(mode), str(mode))
     if mode in ("fp16", "float16"):
         raise ToolkitError("train.mixed_precision fp16 is not supported (no loss scaler; fp16 diverges for "
@@ -57,6 +59,7 @@ def make_accelerator(train_config):
     from accelerate.state import AcceleratorState
 
     mode = check_mixed_precision(getattr(train_config, "mixed_precision", "no"))
+    train_config.mixed_precision = mode  # canonical, for everything that reads it later
     _refuse_unhonoured_accelerate_plugins()
     # accelerate keeps one global state per process and refuses a second run (a notebook, a test) with another
     # precision; the process group (PartialState) is kept, only the precision settings are renewed
