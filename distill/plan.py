@@ -172,8 +172,9 @@ def advice(plan: Plan) -> list[str]:
     if plan.parallel != "fsdp" and plan.gpus > 1:
         out.append("train.parallel=fsdp (shards weights, gradients and optimiser states over the GPUs)")
     if not plan.gradient_checkpointing and plan.activations_checkpointed < plan.activations_full:
+        unit, scale = ("GiB", GiB) if plan.activations_full >= GiB else ("MiB", 1024**2)
         out.append("train.gradient_checkpointing=true (activations "
-                   f"{plan.activations_full / GiB:.1f} -> {plan.activations_checkpointed / GiB:.1f} GiB)")
+                   f"{plan.activations_full / scale:.1f} -> {plan.activations_checkpointed / scale:.1f} {unit})")
     out.append("a smaller data.batch_size per GPU (or train.grad_accum), more GPUs, or "
                "generator_optim.kind=adamw8bit / critic_optim.kind=adamw8bit")
     return out
