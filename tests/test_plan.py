@@ -1,6 +1,7 @@
 """``distill plan``: the weight, gradient and optimiser bytes it predicts are those of a real run, exactly."""
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 
@@ -60,6 +61,7 @@ def test_plan_matches_a_real_run(tiny_sdxl_dir, tmp_path, torch_single_thread):
     assert sharded.weights_replicated == plan.weights_replicated  # text encoders and VAE are not sharded
 
 
+@pytest.mark.slow
 def test_plan_cli_verdict_and_advice(tiny_sdxl_dir, tmp_path, capsys, torch_single_thread):
     config = _recipe(tmp_path, tiny_sdxl_dir)
     recipe = tmp_path / "r.yaml"
