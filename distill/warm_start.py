@@ -34,9 +34,34 @@ def _make_pairs(student, teacher, batch, timesteps, guidance: float) -> list[tup
     return pairs
 
 
-def _pair_batches(student, teacher, data, config: WarmStartConfig, timesteps, device):
+def _process_share(global_batch: int) -> tuple[slice, int]:
+    """This process's rows of the global batch and the number of processes sharing it (N processes regress
+    their own rows and sum gradients; a batch that does not divide by N is regressed whole by every process)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1 or global_batch % world:
+        return slice(0, global_batch), 1
+    per = global_batch // world
+    rank = dist.get_rank()
+    return slice(rank * per, (rank + 1) * per), world
+
+
+def _sum_grads(params: list[torch.Tensor]) -> None:
+    """All-reduce (sum) the gradients: each process's loss is its share of the global mean."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def _pair_batches(student, teacher, data, config: WarmStartConfig, timesteps, device, rows: slice):
     """Yield (batch, pairs per step) forever: from a fixed pool of ``config.pairs`` pairs, or fresh pairs each step."""
-    rows = slice(0, data.global_batch_size)
     if config.pairs <= 0:
         step = 0
         while True:
@@ -71,24 +96,32 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
     timesteps = schedule.inference_timesteps(config.ode_steps, **spacing)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr)
-    pairs = _pair_batches(student, teacher, data, config, timesteps, device)
+    global_batch = data.global_batch_size
+    share, world = _process_share(global_batch)
+    pairs = _pair_batches(student, teacher, data, config, timesteps, device, share)
     loss = torch.tensor(float("nan"))
     for it in tqdm(range(config.steps), desc="warm start", disable=not progress):
         batch, per_step = next(pairs)
         # a K-step student trains each step on its own K-th of the batch's rows (rotating with the iteration,
         # so a cycled pool's rows reach every step), all steps in one forward: an iteration costs what a
         # one-step student's does. Batches smaller than K give every step all rows.
+        # Rows are chosen by their index in the GLOBAL batch, so N processes regress exactly the rows one would.
         steps = len(per_step)
-        stride = steps if batch.size >= steps else 1
-        rows = [slice((k + it) % stride, None, stride) for k in range(steps)]
-        x_in = torch.cat([x[rows[k]] for k, (x, _) in enumerate(per_step)])
-        target = torch.cat([y[rows[k]] for k, (_, y) in enumerate(per_step)])
-        times = torch.cat([student.times(k, batch.size, x_in.device)[rows[k]] for k in range(steps)])
+        stride = steps if global_batch >= steps else 1
+        rows = [torch.tensor([j for j in range(batch.size) if (share.start + j - k - it) % stride == 0],
+                             dtype=torch.long) for k in range(steps)]
+        selected = sum(len(range((k + it) % stride, global_batch, stride)) for k in range(steps))  # global rows
+        x_in = torch.cat([x[rows[k].to(x.device)] for k, (x, _) in enumerate(per_step)])
+        target = torch.cat([y[rows[k].to(y.device)] for k, (_, y) in enumerate(per_step)])
+        times = torch.cat([student.times(k, batch.size, x_in.device)[rows[k].to(x_in.device)] for k in range(steps)])
         cond = batch.cond
         if cond is not None and steps > 1:
-            cond = cond.map(lambda c: torch.cat([c[r] for r in rows]))
-        loss = ((student.denoiser(x_in, times, cond) - target) ** 2).mean()
+            cond = cond.map(lambda c: torch.cat([c[r.to(c.device)] for r in rows]))
+        # this process's share of the global mean squared error (the shares add up to it)
+        loss = ((student.denoiser(x_in, times, cond) - target) ** 2).sum() / (selected * target[0].numel())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            _sum_grads(params)
         opt.step()
     return loss.detach()
