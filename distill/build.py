@@ -328,6 +328,7 @@ def build_run(config: Config, device=None, warm_start: bool = True, progress: bo
     if warm_start and config.student.warm_start.steps > 0:
         from distill.warm_start import regression_warm_start
 
-        regression_warm_start(models.student, models.teacher, data, config.student.warm_start, device, progress)
+        regression_warm_start(models.student, models.teacher, data, config.student.warm_start, device, progress,
+                              mixed_precision=str(config.train.mixed_precision))
     method = cls.from_models(models, mcfg, example_batch(data, device))
     return models, method, data

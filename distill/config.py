@@ -68,6 +68,7 @@ class WarmStartConfig:
     lr: float = 1e-3
     guidance_scale: float = 1.0
     pairs: int = 0  # > 0: a fixed set of this many noise -> sample pairs, made once (DMD's regression data)
+    grad_clip: float | None = None  # None: 1.0 for diffusers backbones (full UNets), off for toy nets; 0: off
 
 
 @dataclass

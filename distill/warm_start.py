@@ -8,6 +8,8 @@ is MSE in x0 space (DMD used LPIPS on decoded images).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
 
@@ -78,7 +80,7 @@ def _pair_batches(student, teacher, data, config: WarmStartConfig, timesteps, de
 
 
 def regression_warm_start(student, teacher, data, config: WarmStartConfig, device=None,
-                          progress: bool = True) -> torch.Tensor:
+                          progress: bool = True, mixed_precision: str = "no") -> torch.Tensor:
     """Train ``student`` to reproduce ``teacher``'s DDIM output, at each of its steps.
 
     Noise and conditioning come from the run's batch source ``data(step, rows, device)``. With
@@ -86,7 +88,9 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
     precomputed regression dataset); otherwise every step makes fresh pairs. Multi-step students regress
     every step (each iteration trains all of them, each on a K-th of the batch): the step at ``t_k`` sees a
     teacher sample re-noised to ``t_k`` and learns the teacher's ODE from there. ``device``: the run's
-    device (batches are made there). Returns the last loss, a 0-dim tensor on that device (never read
+    device (batches are made there). The student's forward runs under bf16 autocast when the run's
+    ``mixed_precision`` is bf16; gradients are clipped to ``config.grad_clip`` (default: 1 for diffusers
+    UNets, none for toy nets). Returns the last loss, a 0-dim tensor on that device (never read
     back here: reading it would synchronise the device every step).
     """
     if config.steps <= 0:
@@ -96,6 +100,14 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
     timesteps = schedule.inference_timesteps(config.ode_steps, **spacing)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr)
+    clip = config.grad_clip
+    if clip is None:
+        from distill.models.export import unwrap_unet
+
+        clip = 1.0 if hasattr(unwrap_unet(student), "enable_gradient_checkpointing") else 0.0
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if mixed_precision == "bf16" and dev.type in (
+        "cuda", "cpu") else contextlib.nullcontext()
     global_batch = data.global_batch_size
     share, world = _process_share(global_batch)
     pairs = _pair_batches(student, teacher, data, config, timesteps, device, share)
@@ -118,10 +130,14 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
         if cond is not None and steps > 1:
             cond = cond.map(lambda c: torch.cat([c[r.to(c.device)] for r in rows]))
         # this process's share of the global mean squared error (the shares add up to it)
-        loss = ((student.denoiser(x_in, times, cond) - target) ** 2).sum() / (selected * target[0].numel())
+        with autocast:
+            pred = student.denoiser(x_in, times, cond)
+        loss = ((pred.float() - target.float()) ** 2).sum() / (selected * target[0].numel())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
             _sum_grads(params)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
     return loss.detach()
