@@ -8,6 +8,7 @@ teacher's weights".
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from distill.config import Config, LoraConfig, NetConfig, from_dict
 from distill.models.denoiser import Denoiser
 from distill.models.errors import ToolkitError
-from distill.models.roles import FakeScore, LoraSpec, Student, Teacher, add_lora, make_trainable
+from distill.models.roles import FakeScore, LoraSpec, Student, Teacher, add_lora, make_trainable, share_lora_base
 from distill.models.schedules import build_schedule
 
 #: method name -> "module:Class"
@@ -121,13 +122,13 @@ def _diffusers_student_denoiser(base: Denoiser, config: Config) -> Denoiser:
     dim = scfg.time_cond_proj_dim
     unet = base.backbone
     if not dim or getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) == dim:
-        return make_trainable(base, _lora_spec(scfg.lora))
-    if scfg.lora is not None:
-        raise ToolkitError("student.time_cond_proj_dim adds a new layer that a LoRA student cannot train; use one "
-                           "or the other (LCM-LoRA students have no guidance embedding)")
+        return make_trainable(base)
     if not hasattr(unet, "config") or not hasattr(type(unet), "from_config"):
         raise ToolkitError(f"student.time_cond_proj_dim needs a diffusers UNet, got {type(unet).__name__}")
     student = type(unet).from_config(unet.config, time_cond_proj_dim=int(dim))
+    # onto the teacher's device before loading: the copy then stays on the device (and a meta teacher has no
+    # data to copy to the CPU)
+    student.to(next(unet.parameters()).device)
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
     new = [k for k in missing if not k.startswith("time_embedding.cond_proj")]
     if new or unexpected:
@@ -136,7 +137,7 @@ def _diffusers_student_denoiser(base: Denoiser, config: Config) -> Denoiser:
     with torch.no_grad():
         for param in student.time_embedding.cond_proj.parameters():
             param.zero_()
-    student.to(next(unet.parameters()).device).train().requires_grad_(True)  # fp32, as created
+    student.train().requires_grad_(True)  # fp32, as created
     return Denoiser(student, base.schedule, base.prediction_type)
 
 
@@ -160,8 +161,47 @@ def build_models(config: Config, need_fake_score: bool = True, device=None) -> M
 
     Initialisation draws from the global RNG seeded with ``train.seed``, so every process of a run (and a
     run and its resumed continuation) builds the same initial networks, whatever ran before.
+
+    ``device``: where every module, buffer and encoder of the run lives (the process's device, e.g.
+    ``accelerator.device``); None keeps the CPU. Toy nets are initialised on the CPU (the same numbers on
+    every device) and then moved; diffusers weights are loaded straight onto the device.
     """
     torch.manual_seed(config.train.seed)
+    models = _build_models(config, need_fake_score, device)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(models)
+    if device is not None:
+        if models.mixture is not None:
+            # the teacher's mixture goes to the device with the teacher; ``models.mixture`` stays a host copy that
+            # data and evaluation draw from with CPU generators (the same numbers on every device), then move
+            models.mixture = copy.deepcopy(models.mixture)
+        place_models(models, device)
+    return models
+
+
+def enable_gradient_checkpointing(models: Models) -> None:
+    """diffusers' ``enable_gradient_checkpointing`` on every role's backbone (the teacher too: SiD/SIM
+    back-propagate through it). Activations of each block are recomputed in backward instead of stored."""
+    from distill.models.export import unwrap_unet
+
+    backbones = {id(b): b for b in (unwrap_unet(r) for r in (models.teacher, models.student, models.fake_score)
+                                    if r is not None)}
+    usable = [b for b in backbones.values() if hasattr(b, "enable_gradient_checkpointing")]
+    if not usable:
+        raise ToolkitError("train.gradient_checkpointing needs a diffusers backbone (UNet); toy nets have none")
+    for backbone in usable:
+        backbone.enable_gradient_checkpointing()
+
+
+def place_models(models: Models, device) -> Models:
+    """Move every role of ``models`` to ``device`` (text encoders and the VAE were loaded there)."""
+    for module in (models.teacher, models.student, models.fake_score):
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
+    return models
+
+
+def _build_models(config: Config, need_fake_score: bool, device) -> Models:
     tcfg = config.teacher
     if tcfg.kind == "gmm":
         from distill.models.analytic import build_mixture, mixture_conditioner, mixture_denoiser
@@ -207,10 +247,24 @@ def _build_diffusers_models(config: Config, need_fake_score: bool, device=None) 
     parts = load_pipeline_components(tcfg.path, kind=kind, device=device or "cpu", uncond=tcfg.uncond,
                                      resolution=tuple(tcfg.resolution) if tcfg.resolution else None)
     base = parts.denoiser
-    student = Student(_diffusers_student_denoiser(base, config), config.student.timesteps, config.student.noise_scale)
-    _prepare_student(config, student)
-    fake = FakeScore(make_trainable(base, _lora_spec(config.fake_score.lora))) if need_fake_score else None
+    # LoRA roles are adapters on the teacher's one frozen base (roles.share_lora_base); full roles are fp32 copies
+    lora = {"default": _lora_spec(config.student.lora)}
+    if need_fake_score:
+        lora["fake_score"] = _lora_spec(config.fake_score.lora)
+    lora = {name: spec for name, spec in lora.items() if spec is not None}
+    if "default" in lora and config.student.time_cond_proj_dim:
+        raise ToolkitError("student.time_cond_proj_dim adds a new layer that a LoRA student cannot train; use one "
+                           "or the other (LCM-LoRA students have no guidance embedding)")
+    student_den = _diffusers_student_denoiser(base, config) if "default" not in lora else None
+    fake_den = make_trainable(base) if need_fake_score and "fake_score" not in lora else None
     teacher = Teacher(base, dtype=_DTYPES[tcfg.dtype])  # cast after the fp32 copies were made
+    if lora:
+        views = share_lora_base(teacher, lora)  # adapters in the order student, fake score (as before)
+        student_den = views.get("default", student_den)
+        fake_den = views.get("fake_score", fake_den)
+    student = Student(student_den, config.student.timesteps, config.student.noise_scale)
+    _prepare_student(config, student)
+    fake = FakeScore(fake_den) if need_fake_score else None
     latent_shape = tuple(parts.latent_shape(1)[1:])
     return Models(teacher, student, fake, parts.conditioner, None, latent_shape, pipeline=parts)
 
@@ -261,8 +315,12 @@ def example_batch(data, device=None):
 
 
 def build_run(config: Config, device=None, warm_start: bool = True, progress: bool = False, run_dir=None):
-    """(models, method, data) for training. ``warm_start=False`` skips the regression warm start (resuming);
-    ``run_dir``: the warm start saves its progress there and resumes from it (distill/warm_start.py)."""
+    """(models, method, data) for training. ``warm_start=False`` skips the regression warm start (resuming).
+
+    ``device``: the process's device; models, the warm start and the GAN head's sizing batch all use it.
+    ``run_dir``: the warm start saves its progress there and resumes from it (distill/warm_start.py).
+    """
+    device = torch.device(device) if device is not None else None
     cls = method_class(config.method["name"])
     mcfg = method_config(config)
     models = build_models(config, need_fake_score=getattr(cls, "needs_fake_score", True), device=device)
@@ -272,6 +330,7 @@ def build_run(config: Config, device=None, warm_start: bool = True, progress: bo
         from distill.warm_start import regression_warm_start
 
         regression_warm_start(models.student, models.teacher, data, config.student.warm_start, device, progress,
-                              run_dir=run_dir, train=config.train)
+                              run_dir=run_dir, train=config.train,
+                              mixed_precision=str(config.train.mixed_precision))
     method = cls.from_models(models, mcfg, example_batch(data, device))
     return models, method, data

@@ -37,12 +37,14 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", default=None, help="prompt (text-to-image students)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA exists")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None, help="where to run (default: this process's GPU if any, else cpu)")
     p.set_defaults(func=cmd_sample)
 
     p = subparsers.add_parser("export", help="export a trained student to a diffusers folder or LoRA weights")
     p.add_argument("run", help="run folder written by `distill train`")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default=None, help="where to rebuild the student (default: GPU if any, else cpu)")
     p.set_defaults(func=cmd_export)
 
 
@@ -67,19 +69,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     overwrite = getattr(args, "overwrite", False)
     resume = "none" if overwrite else args.resume
     run_folder.check_run_folder(out, config, args.resume, overwrite)
-    main = os.environ.get("RANK", "0") == "0"  # every process runs this; one writes the run's files
+    from distill.parallel import make_accelerator, validate_run_config
+
+    # the Accelerator first: it knows this process's device (cuda:LOCAL_RANK), and everything is built there
+    accelerator = make_accelerator(config.train)
+    validate_run_config(config, accelerator.num_processes, accelerator.device.type)
+    main = accelerator.is_main_process  # every process runs this; one writes the run's files
     if overwrite and main:
         run_folder.clear_run(out)
+    accelerator.wait_for_everyone()
     resume_from = ckpt.resolve_resume(resume, out / "checkpoints")
     if resume_from is None and main:  # a new run: its recipe is recorded before the first save
         run_folder.write_config(config, out)
-    device = "cuda" if torch.cuda.is_available() else None
     interrupt.install()
     try:
-        models, method, data = build_run(config, device=device, warm_start=resume_from is None,
-                                         progress=not args.no_progress, run_dir=out)
+        models, method, data = build_run(config, device=accelerator.device, warm_start=resume_from is None,
+                                         progress=not args.no_progress and main, run_dir=out)
         trainer = Trainer(method, data, config.train, config.generator_optim, config.critic_optim, out,
-                          resume=resume_from, sample_fn=sample_grid_writer(models, config),
+                          resume=resume_from, accelerator=accelerator, sample_fn=sample_grid_writer(models, config),
                           progress=not args.no_progress)
         if trainer.resumed_from is not None:
             if main:  # the resumable keys (train.steps, ...) may have changed: record the new values
@@ -98,8 +105,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_run(run: str | Path, use_ema: bool = True):
-    """Rebuild the models of a run and load its latest student weights. Returns (config, models)."""
+def load_run(run: str | Path, use_ema: bool = True, device=None):
+    """Rebuild the models of a run on ``device`` (default: GPU if any) and load its latest student weights.
+
+    Returns (config, models)."""
     from distill import checkpoint as ckpt
     from distill.build import build_models, method_class
     from distill.config import load_config
@@ -111,7 +120,9 @@ def load_run(run: str | Path, use_ema: bool = True):
     newest = ckpt.newest_intact(run / "checkpoints")  # warns about damaged newer ones; errors when all are
     if newest is None:
         raise ToolkitError(f"no checkpoint in {run / 'checkpoints'}; train first")
-    models = build_models(config, need_fake_score=False)
+    from distill.parallel import default_device
+
+    models = build_models(config, need_fake_score=False, device=default_device(device))
     weights, _, _ = ckpt.load_checkpoint(newest)
     from distill.engine import _load_trainable_state
 
@@ -131,8 +142,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for option, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--steps", args.steps)):
         cli_checks.at_least(option, value, 1)
     (cli_checks.out_file if str(args.out).endswith(".npy") else cli_checks.out_dir)(args.out)
-    config, models = load_run(args.run, use_ema=not args.no_ema)
+    cli_checks.device(args.device)
+    config, models = load_run(args.run, use_ema=not args.no_ema, device=args.device)
     student = models.student
+    device = student.timesteps.device
     timesteps = student.timesteps if args.steps is None else student.timesteps[:args.steps]
     if args.steps is not None and not 1 <= args.steps <= student.num_steps:
         raise ToolkitError(f"--steps must be between 1 and {student.num_steps} (the student's timesteps)")
@@ -141,9 +154,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     chunks = []
     for start in range(0, args.n, args.batch_size):
         n = min(args.batch_size, args.n - start)
-        z = torch.randn(n, *models.sample_shape, generator=g)
-        c = cond(n) if cond is not None else None
-        chunks.append(sample_student(student, z, c, timesteps, generator=g))
+        # noise drawn on the CPU generator, then moved: the same seed gives the same samples on every device
+        z = torch.randn(n, *models.sample_shape, generator=g).to(device)
+        c = cond(n).to(device) if cond is not None else None
+        chunks.append(sample_student(student, z, c, timesteps, generator=g).float().cpu())
     samples = torch.cat(chunks)
     out = Path(args.out)
     if len(models.sample_shape) == 1:
@@ -177,7 +191,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from distill.models import export
 
     cli_checks.out_dir(args.out)  # before the run is loaded
-    config, models = load_run(args.run, use_ema=not args.no_ema)
+    cli_checks.device(args.device)
+    config, models = load_run(args.run, use_ema=not args.no_ema, device=args.device)
     if models.pipeline is None:
         raise ToolkitError("export needs a diffusers teacher (sdxl / sd15); toy students are sampled with "
                            "`distill sample`")

@@ -69,6 +69,7 @@ class WarmStartConfig:
     lr: float = 1e-3
     guidance_scale: float = 1.0
     pairs: int = 0  # > 0: a fixed set of this many noise -> sample pairs, made once (DMD's regression data)
+    grad_clip: float | None = None  # None: 1.0 for diffusers backbones (full UNets), off for toy nets; 0: off
 
 
 @dataclass
@@ -106,12 +107,21 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    kind: str = "adamw"  # adamw, or adamw8bit (bitsandbytes, CUDA): 2 bytes of state per parameter instead of 8
     lr: float = 1e-4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up over this many training ITERATIONS (DMD2's count), whatever the TTUR ratio
     grad_clip: float = 10.0
+
+
+@dataclass
+class FsdpConfig:
+    """``train.parallel: fsdp`` settings (distill/parallel.py)."""
+
+    reshard_after_forward: bool = True  # free gathered parameters after each forward (less memory, more traffic)
+    cpu_offload: bool = False  # parameters, gradients and optimiser states of the shards live in CPU memory
 
 
 @dataclass
@@ -129,6 +139,11 @@ class TrainConfig:
     sample_every: int = 0
     sample_count: int = 1024
     max_nan_steps: int = 10
+    gradient_checkpointing: bool = False  # diffusers backbones: recompute activations in backward (less memory)
+    # ddp: every process holds full copies, gradients averaged (one all-reduce per optimiser step);
+    # fsdp: student, fake score (+ GAN head) and teacher sharded (FSDP2); none: one process only
+    parallel: str = "ddp"
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from distill import checkpoint as ckpt
 from distill import interrupt
 from distill.config import OptimConfig, TrainConfig
 from distill.ema import EMA
-from distill.methods.base import Batch, Method
+from distill.methods.base import Batch, Method, frozen
 from distill.models.errors import ToolkitError
 
 
@@ -42,18 +42,33 @@ class BatchSource(Protocol):
     def __call__(self, step: int, rows: slice, device) -> Batch: ...
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig):
-    """AdamW with a constant LR after a linear warm-up (DMD2's settings by default in the recipes)."""
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, every: int = 1):
+    """AdamW (or bitsandbytes' 8-bit AdamW) with a constant LR after a linear warm-up.
+
+    The warm-up counts training iterations, as DMD2 does: an optimiser stepped every ``every`` iterations
+    (the generator under TTUR) reaches full LR after ``cfg.warmup_steps`` iterations, not after that many
+    of its own steps. Its k-th step (iteration ``k * every``) uses ``lr * min(1, (k * every + 1) / warmup)``.
+    """
     if not params:
         return None, None
     kwargs = dict(lr=cfg.lr, betas=tuple(float(b) for b in cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
-    try:  # one fused kernel over all parameters: the per-tensor loop cost ~4x more (2/3 of DMD2's overhead on CPU)
-        opt = torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+    warmup, every = max(int(cfg.warmup_steps), 0), max(int(every), 1)
+    schedule = (lambda s: min(1.0, (s * every + 1) / warmup)) if warmup else (lambda s: 1.0)
+    if getattr(cfg, "kind", "adamw") == "adamw8bit":
+        from distill.parallel import adamw8bit_class
+
+        opt = adamw8bit_class()(params, **kwargs)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    # one fused kernel over all parameters: the per-tensor loop cost ~4x more (2/3 of DMD2's overhead on CPU);
+    # devices without a fused kernel (meta, ...) fail only at the first step, so they are excluded up front
+    from distill.parallel import is_sharded
+
+    fused = all(p.device.type in ("cpu", "cuda") and not is_sharded(p) for p in params)
+    try:
+        opt = torch.optim.AdamW(params, fused=fused, **kwargs)
+    except (RuntimeError, ValueError):  # a dtype without a fused kernel
         opt = torch.optim.AdamW(params, **kwargs)
-    warmup = max(int(cfg.warmup_steps), 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    return opt, sched
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
 @dataclass
@@ -80,10 +95,12 @@ def _load_trainable_state(module: nn.Module, tensors: dict[str, torch.Tensor]) -
     missing = [n for n in _trainable_state(module) if n not in tensors]
     if missing:
         raise ToolkitError(f"checkpoint does not match the model: {len(missing)} tensors missing, e.g. {missing[0]}")
+    from distill.parallel import like
+
     with torch.no_grad():
         for name, value in tensors.items():
             if name in own:
-                own[name].copy_(value)
+                own[name].copy_(like(value, own[name]))  # a full tensor, or this process's shard of it under FSDP
 
 
 class Trainer:
@@ -101,14 +118,16 @@ class Trainer:
     def __init__(self, method: Method, data: BatchSource, config: TrainConfig, generator_optim: OptimConfig,
                  critic_optim: OptimConfig, out_dir: str | Path, resume: str | None = None,
                  sample_fn: Callable[[int, Path], None] | None = None, accelerator=None, progress: bool = True):
-        from accelerate import Accelerator
+        from distill.parallel import make_accelerator
 
         self.method, self.data, self.config = method, data, config
         self.out_dir = Path(out_dir)
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision,
-                                                      cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or make_accelerator(config)
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        from distill.parallel import check_parallel
+
+        self.parallel = check_parallel(config, self.world)
         self.sample_fn, self.progress = sample_fn, progress
         global_batch = data.global_batch_size
         if global_batch % (self.world * config.grad_accum):
@@ -117,10 +136,18 @@ class Trainer:
         for module in vars(method).values():
             if isinstance(module, nn.Module):
                 module.to(self.device)
+        if self.parallel == "fsdp":
+            from distill.parallel import fsdp_refusal, shard_roles
+
+            why = fsdp_refusal(method, config)
+            if why:
+                raise ToolkitError(f"train.parallel fsdp: {why}")
+            shard_roles(method, config.fsdp, self.device)  # before the optimisers: parameters become shards
         self.turns: dict[str, _Turn] = {}
         for name, params, cfg in (("generator", method.generator_parameters(), generator_optim),
                                   ("critic", method.critic_parameters(), critic_optim)):
-            opt, sched = build_optimizer(params, cfg)
+            every = method.generator_every if name == "generator" else 1
+            opt, sched = build_optimizer(params, cfg, every)
             if opt is not None:
                 self.turns[name] = _Turn(name, params, opt, sched, cfg.grad_clip)
         if "generator" not in self.turns:
@@ -149,18 +176,41 @@ class Trainer:
             weights["method_state"] = extra
         return weights
 
+    def _turn_modules(self, name: str) -> dict[str, nn.Module]:
+        return self.method.generator_modules() if name == "generator" else self.method.critic_modules()
+
+    def _optimizer_states(self) -> dict:
+        """Per optimiser: its state_dict, or under FSDP the full state keyed by parameter name (all processes
+        gather it; any world size loads it)."""
+        if self.parallel != "fsdp":
+            return {n: t.optimizer.state_dict() for n, t in self.turns.items()}
+        from distill.parallel import full_optimizer_state
+
+        return {n: full_optimizer_state(self._turn_modules(n), t.optimizer) for n, t in self.turns.items()}
+
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (main process); every process waits for it."""
+        """Write a checkpoint of the current step (main process); every process waits for it.
+
+        Under FSDP every process first takes part in gathering full weights and optimiser states (so the
+        checkpoint is the same single-process format, loadable at any world size and by ``distill export``).
+        """
         path = None
+        if self.parallel == "fsdp":
+            from distill.parallel import full_tensors
+
+            weights = {n: full_tensors(w) for n, w in self.state_weights().items()}
+            optimizers = self._optimizer_states()
         if self.accelerator.is_main_process:
+            if self.parallel != "fsdp":
+                weights, optimizers = self.state_weights(), self._optimizer_states()
             training_state = {
-                "optimizers": {n: t.optimizer.state_dict() for n, t in self.turns.items()},
+                "optimizers": optimizers,
                 "schedulers": {n: t.scheduler.state_dict() for n, t in self.turns.items()},
                 "rng": ckpt.rng_state(),
             }
             state = {"data_position": self.step * self.data.global_batch_size, "nan_total": self.nan_total,
                      "nan_streak": self.nan_streak, "world_size": self.world}
-            path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.state_weights(), training_state, state,
+            path = ckpt.save_checkpoint(self.checkpoint_root, self.step, weights, training_state, state,
                                         keep=self.config.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         self._last_save = time.monotonic()
@@ -173,11 +223,19 @@ class Trainer:
                 raise ToolkitError(f"checkpoint {path} has no weights for {name}")
             _load_trainable_state(module, weights[name])
         if self.ema is not None and "student_ema" in weights:
-            self.ema.load_state_dict(weights["student_ema"])
+            from distill.parallel import like
+
+            self.ema.load_state_dict({n: like(v, self.ema.shadow[n]) if n in self.ema.shadow else v
+                                      for n, v in weights["student_ema"].items()})
         if "method_state" in weights:
             self.method.load_extra_state(weights["method_state"])
         for name, turn in self.turns.items():
-            turn.optimizer.load_state_dict(training_state["optimizers"][name])
+            if self.parallel == "fsdp":
+                from distill.parallel import load_full_optimizer_state
+
+                load_full_optimizer_state(self._turn_modules(name), turn.optimizer, training_state["optimizers"][name])
+            else:
+                turn.optimizer.load_state_dict(training_state["optimizers"][name])
             turn.scheduler.load_state_dict(training_state["schedulers"][name])
         ckpt.set_rng_state(training_state["rng"])
         self.step = int(state["step"])
@@ -191,8 +249,8 @@ class Trainer:
         return slice(start, start + per_micro)
 
     def _all_reduce_grads(self, params: list[nn.Parameter]) -> None:
-        if self.world == 1 or not dist.is_initialized():
-            return
+        if self.world == 1 or not dist.is_initialized() or self.parallel == "fsdp":
+            return  # FSDP reduce-scatters (averages) the gradients of the shards in its backward hooks
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         # one flag per parameter rides along: a parameter no process computed a gradient for keeps grad None,
         # as in a single process (AdamW skips it; a zero gradient would still apply weight decay and momentum)
@@ -206,6 +264,16 @@ class Trainer:
             n = p.numel()
             p.grad = flat[offset:offset + n].view_as(p).clone() if has_grad else None
             offset += n
+
+    def _mean_over_processes(self, logs: dict[str, float]) -> dict[str, float]:
+        """Losses and logs averaged over processes (one small all-reduce): with equal shares of the global batch,
+        the numbers one process would log for the whole batch."""
+        if self.world == 1 or not dist.is_initialized() or not logs:
+            return logs
+        keys = sorted(logs)
+        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return dict(zip(keys, (values / self.world).tolist()))
 
     def _all_finite(self, *values: float) -> bool:
         """True when every value is finite in every process: all processes skip the same steps."""
@@ -221,20 +289,30 @@ class Trainer:
         """Backward over micro-batches, sync, clip, NaN guard, step. Returns logs (floats)."""
         turn.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
-        for batch in batches:
-            with self.accelerator.autocast():
-                loss, batch_logs = loss_fn(batch)
-            (loss / len(batches)).backward()
-            for k, v in {f"{turn.name}_loss": loss, **batch_logs}.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
+        # the other optimisers' parameters stay frozen through forward AND backward: gradient checkpointing
+        # recomputes forwards during backward, which must see the same requires_grad flags as the forward did
+        others = [p for t in self.turns.values() if t is not turn for p in t.params]
+        with frozen(*others):
+            for batch in batches:
+                with self.accelerator.autocast():
+                    loss, batch_logs = loss_fn(batch)
+                (loss / len(batches)).backward()
+                for k, v in {f"{turn.name}_loss": loss, **batch_logs}.items():
+                    logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
+        logs = self._mean_over_processes(logs)
         self._all_reduce_grads(turn.params)
         norm = torch.nn.utils.clip_grad_norm_(turn.params, turn.grad_clip if turn.grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm over all shards
+            norm = norm.full_tensor()
         logs[f"{turn.name}_grad_norm"] = float(norm)
         if not self._all_finite(float(norm), logs[f"{turn.name}_loss"]):
             turn.optimizer.zero_grad(set_to_none=True)
             logs["skipped"] = 1.0
             return logs
         turn.optimizer.step()
+        # free the gradients now, not at this optimiser's next turn: the student's must not sit in memory
+        # through the critic update (and the fake score's through the generator update)
+        turn.optimizer.zero_grad(set_to_none=True)
         turn.scheduler.step()
         logs[f"{turn.name}_lr"] = turn.scheduler.get_last_lr()[0]
         return logs

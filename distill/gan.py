@@ -20,12 +20,20 @@ class _StopForward(Exception):
     pass
 
 
+def _tree(backbone: nn.Module) -> nn.Module:
+    """The module tree to look into: a LoRA role's view of the shared base shows the base."""
+    from distill.models.roles import AdapterView
+
+    return backbone.backbone if isinstance(backbone, AdapterView) else backbone
+
+
 def default_feature_module(backbone: nn.Module) -> str:
     """``mid_block`` for diffusers UNets; the middle residual block for toy MLPs.
 
     Wrapped backbones (a toy fake score initialised from the teacher is ``TeacherResidual.net``, a toy UNet
     holds its ``UNet2DModel`` as ``.unet``) have these under a prefix: the shallowest match is taken.
     """
+    backbone = _tree(backbone)
     names = dict(backbone.named_modules())
 
     def find(leaf: str) -> str | None:
@@ -45,6 +53,7 @@ class FeatureTap:
     """Runs a backbone up to ``module_name`` and returns that module's output."""
 
     def __init__(self, backbone: nn.Module, module_name: str):
+        backbone = _tree(backbone)
         self.module = dict(backbone.named_modules()).get(module_name)
         if self.module is None:
             raise ValueError(f"the fake score has no submodule {module_name!r} for the GAN head")

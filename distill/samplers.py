@@ -39,7 +39,11 @@ def _full(t, batch: int, device) -> torch.Tensor:
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    """Noise like ``x``, drawn on the generator's own device and moved to ``x``'s: a CPU generator drives a GPU
+    (or meta) sampler, and one seed gives the same noise on every device."""
+    if generator is None:
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
 @torch.no_grad()

@@ -55,6 +55,8 @@ class GaussianMixture(nn.Module):
             if labels.shape != (k,):
                 raise ValueError(f"labels must give one class per component ({k}), got {tuple(labels.shape)}")
         self.register_buffer("labels", labels)
+        # host-side fact, fixed at construction: reading it from the buffer would synchronise the device
+        self._num_classes = 0 if labels is None else int(labels.max()) + 1
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else (d,)
         if math.prod(self.sample_shape) != d:
             raise ValueError(f"sample_shape {self.sample_shape} does not hold {d} values")
@@ -70,7 +72,7 @@ class GaussianMixture(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return 0 if self.labels is None else int(self.labels.max()) + 1
+        return self._num_classes
 
     def component_weights(self, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
         """[B, K] mixture weights given class labels (-1 or None: the whole mixture)."""

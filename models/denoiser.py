@@ -50,6 +50,8 @@ class Denoiser(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        if hasattr(self.backbone, "compute_dtype"):  # a view of a shared base (roles.AdapterView)
+            return self.backbone.compute_dtype
         param = next(iter(self.backbone.parameters()), None) if isinstance(self.backbone, nn.Module) else None
         return param.dtype if param is not None else torch.float32
 

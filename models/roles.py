@@ -129,7 +129,10 @@ class Student(nn.Module):
         if noise_scale not in ("unit", "sigma"):
             raise ValueError(f"noise_scale must be 'unit' or 'sigma', got {noise_scale!r}")
         self.denoiser = denoiser
+        # a buffer, so it follows the student to its device (a CPU copy in device maths fails on CUDA); the
+        # python values serve host-side control flow without reading the device
         self.register_buffer("timesteps", torch.as_tensor(list(timesteps)), persistent=False)
+        self.timestep_values = tuple(float(t) for t in timesteps)
         self.noise_scale = noise_scale
 
     @property
@@ -178,3 +181,91 @@ def make_trainable(denoiser: Denoiser, lora: LoraSpec | None = None) -> Denoiser
     if lora is not None:
         add_lora(copy_.backbone, lora)
     return copy_
+
+
+# ---------------------------------------------------------------------- one frozen base for LoRA roles
+def _lora_layers(module: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class AdapterView(nn.Module):
+    """One role's view of a backbone shared by several roles: the frozen base plus (at most) one LoRA adapter.
+
+    LoRA DMD2 / ESD / LCM would otherwise hold three copies of the base UNet (a bf16 teacher and two fp32
+    copies under the student's and the fake score's adapters). Here the teacher's single base carries the
+    student's and the fake score's adapters (peft multi-adapter), and each role calls it through a view that
+    activates its own adapter for the call: ``adapter=None`` is the teacher (adapters off).
+
+    Parameters: the teacher's view registers the base (so ``teacher.to(device)`` moves it); an adapter's view
+    registers only its adapter's weights (``named_parameters`` holds no base weight and no other adapter), so
+    optimisers, checkpoints, EMA and :class:`~distill.methods.base.frozen` see exactly the role's weights.
+    Switching sets peft's layer state directly: peft's ``set_adapter`` / ``enable_adapters`` would also flip
+    ``requires_grad`` of the other adapters (which the trainer controls). The switch lasts one forward call;
+    autograd has recorded which adapter was used, so backward needs no switching.
+
+    The base stays in its own dtype (bf16 teacher), the adapters in fp32 (peft computes the LoRA branch in
+    the adapter's dtype and casts back); :attr:`compute_dtype` tells :class:`~models.denoiser.Denoiser` the
+    dtype the base expects.
+    """
+
+    def __init__(self, base: nn.Module, adapter: str | None):
+        super().__init__()
+        self.adapter = adapter
+        if adapter is None:
+            self.shared = base  # registered: the teacher owns the base
+            self.adapter_params = nn.ParameterDict()
+        else:
+            self._base = [base]  # a list: not a submodule of this view
+            self.adapter_params = nn.ParameterDict({
+                name.replace(".", "__"): p for name, p in base.named_parameters() if f".{adapter}." in f".{name}."
+                and "lora_" in name})
+            if not len(self.adapter_params):
+                raise ValueError(f"the shared backbone has no LoRA adapter {adapter!r}")
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The shared module (what export and GAN taps look into)."""
+        return self.shared if self.adapter is None else self._base[0]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(p for n, p in self.backbone.named_parameters() if "lora_" not in n).dtype
+
+    @property
+    def config(self):  # diffusers' model config, for code that inspects the backbone
+        return getattr(self.backbone, "config", None)
+
+    def activate(self) -> None:
+        for layer in _lora_layers(self.backbone):
+            if self.adapter is None:
+                layer._disable_adapters = True
+            else:
+                layer._disable_adapters = False
+                layer._active_adapter = [self.adapter]
+
+    def forward(self, *args, **kwargs):
+        self.activate()
+        return self.backbone(*args, **kwargs)
+
+
+def share_lora_base(teacher: "Teacher", specs: dict[str, LoraSpec]) -> dict[str, Denoiser]:
+    """Put one LoRA adapter per role (``{"default": student_spec, "fake_score": spec}``) on the teacher's base.
+
+    The teacher's backbone becomes an :class:`AdapterView` with adapters off; returns a denoiser per adapter
+    name whose backbone is that adapter's view. Adapters are added in the order given (their initial weights
+    draw from the global RNG in that order) and made trainable; adapters of a bf16 base are kept in fp32.
+    """
+    den = teacher.denoiser
+    base = den.backbone
+    for name, spec in specs.items():
+        add_lora(base, spec, adapter_name=name)
+    for name, p in base.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # peft may create adapters in the base's dtype: optimise them in fp32
+            p.requires_grad_(True)
+        else:
+            p.requires_grad_(False)
+    den.backbone = AdapterView(base, None)
+    return {name: Denoiser(AdapterView(base, name), den.schedule, den.prediction_type) for name in specs}

@@ -190,7 +190,8 @@ class VPSchedule(Schedule):
     def t_from_edm_sigma(self, sigma_edm):
         """Nearest discrete timestep with ``sqrt((1 - abar) / abar)`` closest to ``sigma_edm``."""
         sigma_edm = torch.as_tensor(sigma_edm, dtype=torch.float64)
-        table = ((1 - self._abar64) / self._abar64).sqrt()
+        abar = self._abar64.to(sigma_edm.device)  # on the caller's device: no host round trip
+        table = ((1 - abar) / abar).sqrt()
         return (table[None, :] - sigma_edm.reshape(-1, 1)).abs().argmin(dim=1).reshape(sigma_edm.shape)
 
     def inference_timesteps(self, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:

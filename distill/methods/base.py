@@ -210,14 +210,24 @@ def _trainable(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     return out
 
 
+def no_autocast(device: torch.device):
+    """A context that turns autocast off on ``device`` (a no-op where autocast does not exist, e.g. meta)."""
+    import contextlib
+
+    if device.type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class frozen:
     """Context manager: parameters of ``modules`` get no gradient inside (gradients still flow to inputs).
 
     Used for the fake score during the generator step (DMD2 freezes it there), without copying weights.
+    Accepts modules or parameters (the Trainer freezes the other optimisers' parameters this way).
     """
 
-    def __init__(self, *modules: nn.Module):
-        self.params = [p for m in modules for p in m.parameters()]
+    def __init__(self, *modules: nn.Module | nn.Parameter):
+        self.params = [p for m in modules for p in (m.parameters() if isinstance(m, nn.Module) else [m])]
 
     def __enter__(self):
         self.flags = [p.requires_grad for p in self.params]

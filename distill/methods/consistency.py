@@ -265,7 +265,8 @@ class ConsistencyDistillation(Method):
     def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None, w: torch.Tensor) -> torch.Tensor:
         """Guided teacher x0 in LCM form ``x0_c + w (x0_c - x0_u)`` (one batched forward), float32."""
         den = self.teacher.denoiser
-        if cond is None or cond.uncond is None or float(w.abs().max()) == 0.0:
+        # w is 0 for every sample exactly when w_min = w_max = 0 (decided from the config: no device read)
+        if cond is None or cond.uncond is None or (self.config.w_min == 0 and self.config.w_max == 0):
             return den(x_t, t, cond).float()
         x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
         out = den.raw(x2, t2, cond.cfg_batch()).to(x_t.dtype)

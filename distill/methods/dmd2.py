@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.gan import Discriminator, discriminator_gan_loss, generator_gan_loss
-from distill.methods.base import Batch, Method, denoising_loss, frozen, generate
+from distill.methods.base import Batch, Method, denoising_loss, frozen, generate, no_autocast
 from distill.models.roles import FakeScore, Student, Teacher
 
 
@@ -103,7 +103,10 @@ class DMD2(Method):
                 t = torch.cat([self._times(batch, self.config.dm_time_range) for _ in range(draws)])
                 eps = torch.cat([batch.rng.randn_like(x) for _ in range(draws)])
                 x_t = self.teacher.schedule.add_noise(x_rep.detach(), eps, t)
-                x0_fake = self.fake_score(x_t, t, cond).float()
+                # fp32, outside autocast (as the reference): the DM gradient is a difference of two close
+                # predictions, which bf16 rounding of the fake score would swamp
+                with no_autocast(x_t.device):
+                    x0_fake = self.fake_score(x_t.float(), t, cond).float()
                 x0_real = self.teacher(x_t, t, cond, self.config.guidance_scale).float()
             loss, grad = distribution_matching_loss(x_rep, x0_real, x0_fake, self.fake_weight)
             logs = {"loss_dm": loss.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean()}

@@ -135,7 +135,7 @@ class ScoreImplicitMethod(Method):
 
     # ------------------------------------------------------------------ times
     def _from_sigma(self, sigma: torch.Tensor, device) -> torch.Tensor:
-        return self.schedule.t_from_edm_sigma(sigma.cpu()).to(device)
+        return self.schedule.t_from_edm_sigma(sigma).to(device)
 
     def generator_times(self, rng) -> torch.Tensor:
         """Per-sample times for the generator loss (see the module docstring)."""
@@ -144,7 +144,7 @@ class ScoreImplicitMethod(Method):
             return rng.times(self.schedule, self.schedule.time_at(cfg.time_range[0]),
                              self.schedule.time_at(cfg.time_range[1]))
         u = rng.rand() * cfg.karras_t_max
-        return self._from_sigma(self._karras.karras_sigma(1.0 - u.cpu()), u.device)
+        return self._from_sigma(self._karras.karras_sigma(1.0 - u), u.device)
 
     def fake_times(self, rng) -> torch.Tensor:
         cfg = self.config
@@ -153,7 +153,7 @@ class ScoreImplicitMethod(Method):
         if cfg.fake_time_distribution == "uniform":
             return rng.times(self.schedule, *(self.schedule.time_at(f) for f in cfg.fake_time_range))
         n = rng.randn(dtype=torch.float64)
-        return self._from_sigma((cfg.fake_p_mean + cfg.fake_p_std * n.cpu()).exp(), n.device)
+        return self._from_sigma((cfg.fake_p_mean + cfg.fake_p_std * n).exp(), n.device)
 
     # ------------------------------------------------------------------ losses
     def per_sample_loss(self, x: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor,

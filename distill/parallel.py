@@ -1,0 +1,229 @@
+"""Processes, devices and how modules are wrapped for N processes.
+
+The run's device must be known *before* anything is built: with N processes on one node every rank
+builds its own copies of the teacher, the student, the fake score and the text encoders, and builds
+them directly on its own GPU (``LOCAL_RANK``), never on GPU 0 and never on the CPU first.
+:func:`make_accelerator` creates the ``accelerate.Accelerator`` (which initialises the process group and
+picks ``cuda:LOCAL_RANK``) from the recipe's ``train`` section, and refuses settings the engine cannot
+honour, in one line, before any slow work.
+
+Why not accelerate's own FSDP/DeepSpeed plugins: the Trainer never calls ``accelerator.prepare`` (the fake
+score is trainable in the critic step and frozen in the generator step; see ``distill/engine.py``), so
+an accelerate config that asks for FSDP or DeepSpeed would be silently ignored. It is refused instead.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from distill.models.errors import ToolkitError
+
+#: mixed-precision settings the engine honours. fp16 needs a loss scaler, which the engine does not have
+#: (and DMD2 reports that fp16 diverges for SDXL): refused rather than silently unscaled.
+MIXED_PRECISION = ("no", "bf16")
+
+
+def check_mixed_precision(mode: str) -> str:
+    """``mode`` if the engine honours it; ToolkitError otherwise (``fp16``: no loss scaler)."""
+    if mode is False or mode is None:  # YAML reads an unquoted ``no`` as false
+        mode = "no"
+    mode = {"bfloat16": "bf16", "none": "no", "fp32": "no", "float32": "no"}.get(str(mode), str(mode))
+    if mode in ("fp16", "float16"):
+        raise ToolkitError("train.mixed_precision fp16 is not supported (no loss scaler; fp16 diverges for "
+                           "DMD2-class losses): use bf16 or no")
+    if mode not in MIXED_PRECISION:
+        raise ToolkitError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {mode!r}")
+    return mode
+
+
+def _refuse_unhonoured_accelerate_plugins() -> None:
+    """An accelerate config asking for FSDP / DeepSpeed / Megatron would be silently ignored: refuse it."""
+    env = os.environ
+    asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
+                                     ("Megatron-LM", "ACCELERATE_USE_MEGATRON_LM"))
+             if env.get(flag, "false").lower() in ("1", "true", "yes")]
+    if asked:
+        raise ToolkitError(f"the accelerate config asks for {asked[0]}, which distill does not take from accelerate; "
+                           f"remove it from the accelerate config (distill shards with train.parallel=fsdp)")
+
+
+def make_accelerator(train_config):
+    """The run's ``Accelerator``: processes, this process's device and mixed precision.
+
+    Call it before building models, and build on ``accelerator.device``. Raises ToolkitError for
+    ``mixed_precision: fp16`` or an accelerate FSDP/DeepSpeed config (nothing would honour them).
+    """
+    from accelerate import Accelerator
+
+    from accelerate.state import AcceleratorState
+
+    mode = check_mixed_precision(getattr(train_config, "mixed_precision", "no"))
+    train_config.mixed_precision = mode  # canonical, for everything that reads it later
+    _refuse_unhonoured_accelerate_plugins()
+    # accelerate keeps one global state per process and refuses a second run (a notebook, a test) with another
+    # precision; the process group (PartialState) is kept, only the precision settings are renewed
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mode, cpu=not torch.cuda.is_available())
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given; else this process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU.
+
+    For commands that run in one process (``distill sample`` / ``export``) and for library callers that did
+    not create an Accelerator.
+    """
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ToolkitError(f"invalid device {device!r}: {err}") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def adamw8bit_class():
+    """bitsandbytes' ``AdamW8bit`` (Dettmers et al. 2022, 8-bit optimiser states), or a ToolkitError."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ToolkitError("generator_optim/critic_optim kind adamw8bit needs bitsandbytes (pip install "
+                           "bitsandbytes) and a CUDA device; or use kind: adamw") from None
+    return bnb.optim.AdamW8bit
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+PARALLEL = ("none", "ddp", "fsdp")
+
+
+def check_parallel(train_config, world_size: int) -> str:
+    """``train.parallel`` if the engine can honour it with ``world_size`` processes; ToolkitError otherwise."""
+    mode = getattr(train_config, "parallel", "ddp")
+    if mode not in PARALLEL:
+        raise ToolkitError(f"train.parallel must be one of {', '.join(PARALLEL)}, got {mode!r}")
+    if mode == "none" and world_size > 1:
+        raise ToolkitError(f"train.parallel none runs one process, but {world_size} were launched: use ddp or fsdp")
+    return mode
+
+
+def validate_run_config(config, world_size: int = 1, device_type: str = "cpu") -> None:
+    """Refuse, in one line and before anything is built, settings the engine cannot honour."""
+    train = config.train
+    check_mixed_precision(train.mixed_precision)
+    check_parallel(train, world_size)
+    for section in ("generator_optim", "critic_optim"):
+        kind = getattr(config, section).kind
+        if kind not in OPTIMIZERS:
+            raise ToolkitError(f"{section}.kind must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+        if kind == "adamw8bit":
+            adamw8bit_class()
+            if device_type != "cuda":
+                raise ToolkitError(f"{section}.kind adamw8bit needs a CUDA device (bitsandbytes' 8-bit states)")
+
+
+# ---------------------------------------------------------------------- FSDP2
+def _blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units sharded one by one (each all-gathered just before it runs): a diffusers UNet's down / mid / up
+    blocks; other backbones are one unit."""
+    units = []
+    for name in ("down_blocks", "up_blocks"):
+        units += list(getattr(backbone, name, None) or [])
+    if getattr(backbone, "mid_block", None) is not None:
+        units.append(backbone.mid_block)
+    return units
+
+
+def fsdp_refusal(method, train_config) -> str | None:
+    """Why the engine cannot shard this run with FSDP2 (None: it can)."""
+    from distill.models.roles import AdapterView
+
+    if getattr(method, "discriminator", None) is not None:
+        return ("the GAN head stops the fake score's forward at its bottleneck, which FSDP2's forward hooks "
+                "cannot survive: use train.parallel=ddp for GAN recipes")
+    roles = [getattr(method, n, None) for n in ("teacher", "student", "fake_score")]
+    if any(isinstance(m, AdapterView) for r in roles if r is not None for m in r.modules()):
+        return "LoRA roles share one frozen base and are small: use train.parallel=ddp for LoRA recipes"
+    if getattr(train_config, "sample_every", 0):
+        return "train.sample_every needs every process to sample under FSDP; set it to 0 (sample after training)"
+    return None
+
+
+def shard_roles(method, fsdp_config, device: torch.device) -> dict[str, torch.nn.Module]:
+    """``fully_shard`` (FSDP2, Zhao et al. 2023) the method's roles over all processes, in place.
+
+    Trainable roles (student, fake score) keep fp32 parameters and reduce gradients in fp32; the frozen
+    teacher keeps its own dtype (bf16 for large teachers) and has nothing to reduce. Each UNet block is its
+    own unit, then the backbone root. Returns the sharded backbones by role. Build the optimisers after this:
+    sharding replaces the parameters by DTensors holding this process's shard.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from distill.models.export import unwrap_unet
+
+    if not dist.is_initialized():  # one process (e.g. resuming a sharded run alone): a group of one
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    kwargs = dict(mesh=mesh, reshard_after_forward=bool(fsdp_config.reshard_after_forward))
+    if fsdp_config.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    sharded = {}
+    for name in ("student", "fake_score", "teacher"):
+        role = getattr(method, name, None)
+        if role is None:
+            continue
+        backbone = unwrap_unet(role)
+        if not isinstance(backbone, torch.nn.Module) or not any(True for _ in backbone.parameters()):
+            continue  # an analytic teacher has nothing to shard
+        trainable = any(p.requires_grad for p in backbone.parameters())
+        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32) if trainable else MixedPrecisionPolicy()
+        for unit in _blocks(backbone):
+            fully_shard(unit, mp_policy=mp, **kwargs)
+        fully_shard(backbone, mp_policy=mp, **kwargs)
+        sharded[name] = backbone
+    return sharded
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every sharded tensor gathered to a full CPU tensor (a collective: all processes call it)."""
+    return {n: (t.full_tensor() if is_sharded(t) else t).detach().cpu() for n, t in tensors.items()}
+
+
+def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out as ``target``: this process's shard of it when ``target`` is sharded."""
+    from torch.distributed.tensor import distribute_tensor
+
+    value = value.to(dtype=target.dtype)
+    if is_sharded(target):
+        return distribute_tensor(value.to(target.device_mesh.device_type), target.device_mesh, target.placements)
+    return value.to(target.device)
+
+
+def local_elements(params) -> int:
+    """Elements this process holds of ``params`` (its shards under FSDP)."""
+    return sum((p.to_local() if is_sharded(p) else p).numel() for p in params)
+
+
+def full_optimizer_state(modules: dict[str, torch.nn.Module], optimizer) -> dict:
+    """The optimiser's state with full tensors keyed by parameter name (any world size can load it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(modules: dict[str, torch.nn.Module], optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
