@@ -135,10 +135,12 @@ class _Progress:
             print(f"warm start: resuming from {path} (iteration {state['step']})")
         return int(state["step"]), state
 
-    def save(self, student, opt, it: int, loss: float, done: bool) -> None:
+    def save(self, student, opt, it: int, loss: torch.Tensor, done: bool) -> None:
+        """Write a warm-start checkpoint (rank 0, with a run folder only: the loss is read back only then)."""
         self.last_save = time.monotonic()
         if self.root is None or not self.main:
             return
+        loss = float(loss)
         from distill.engine import _trainable_state
 
         ckpt.save_checkpoint(self.root, it, {"student": _trainable_state(student)}, {"optimizer": opt.state_dict()},
@@ -249,9 +251,9 @@ def regression_warm_start(student, teacher, data, config: WarmStartConfig, devic
         signum = _stop_requested(world, dev)
         keeper.log(it + 1, loss, flush=bool(signum) or it + 1 == config.steps, world=world)
         if signum:
-            keeper.save(student, opt, it + 1, float(loss.detach()), done=False)
+            keeper.save(student, opt, it + 1, loss.detach(), done=False)
             raise interrupt.Interrupted(signum, f"warm start saved at iteration {it + 1} of {config.steps}")
         if keeper.due() and it + 1 < config.steps:
-            keeper.save(student, opt, it + 1, float(loss.detach()), done=False)
-    keeper.save(student, opt, config.steps, float(loss.detach()), done=True)
+            keeper.save(student, opt, it + 1, loss.detach(), done=False)
+    keeper.save(student, opt, config.steps, loss.detach(), done=True)
     return loss.detach()
