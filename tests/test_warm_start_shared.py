@@ -17,7 +17,9 @@ from distill.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "toy_ring8_dmd2_4step.yaml")
-ARGS = ["train.steps=0", "student.warm_start.steps=5", "student.warm_start.pairs=0", "student.warm_start.ode_steps=5",
+# one training step at a negligible learning rate: recipes need steps >= 1, and the checkpoint it writes holds
+# the warm-started student unchanged (to ~1e-30)
+ARGS = ["train.steps=1", "generator_optim.lr=1e-30", "generator_optim.warmup_steps=0", "student.warm_start.steps=5", "student.warm_start.pairs=0", "student.warm_start.ode_steps=5",
         "data.batch_size=8", "student.net.hidden=32", "fake_score.net.hidden=32", "train.log_every=0"]
 
 
