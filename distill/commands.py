@@ -22,14 +22,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("sample", help="sample from a trained student")
-    p.add_argument("run", help="run folder written by `distill train`")
+    p.add_argument("run", help="run folder written by `distill train`, or a folder written by `distill export`")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--out", required=True, help=".npy file (vector data) or folder of PNGs (images)")
     p.add_argument("--steps", type=int, default=None,
                    help="use the first K of the student's timesteps (default: all of them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional students)")
-    p.add_argument("--prompt", default=None, help="prompt (text-to-image students)")
+    p.add_argument("--prompt", default=None, help="prompt (text-to-image students), repeated --n times")
+    p.add_argument("--prompts", default=None,
+                   help="prompt file (.txt, .jsonl, .csv, .parquet): one image per prompt, written to OUT/images/ "
+                        "with OUT/prompts.txt and OUT/grid.png")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA exists")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_sample)
@@ -38,6 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("run", help="run folder written by `distill train`")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--format", default=None, choices=["pipeline", "unet", "lora"],
+                   help="pipeline (default for full students), unet, or lora (default for LoRA students)")
     p.set_defaults(func=cmd_export)
 
 
@@ -68,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_run(run: str | Path, use_ema: bool = True):
+def load_run(run: str | Path, use_ema: bool = True, device=None):
     """Rebuild the models of a run and load its latest student weights. Returns (config, models)."""
     from distill import checkpoint as ckpt
     from distill.build import build_models, method_class
@@ -83,7 +89,7 @@ def load_run(run: str | Path, use_ema: bool = True):
         raise ToolkitError(f"no checkpoint in {run / 'checkpoints'}; train first")
     if config.teacher.kind == "gmm":
         pass
-    models = build_models(config, need_fake_score=False)
+    models = build_models(config, need_fake_score=False, device=device)
     weights, _, _ = ckpt.load_checkpoint(found[-1])
     from distill.engine import _load_trainable_state
 
@@ -100,6 +106,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.n <= 0:
         raise ToolkitError("--n must be positive")
+    if args.prompts is not None or _is_text_to_image(args.run):
+        from distill.sample_text import cmd_sample_text
+
+        return cmd_sample_text(args, args.run)
     config, models = load_run(args.run, use_ema=not args.no_ema)
     student = models.student
     timesteps = student.timesteps if args.steps is None else student.timesteps[:args.steps]
@@ -125,6 +135,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_text_to_image(folder: str) -> bool:
+    """An exported folder (it has a student card) or a run whose teacher is a diffusers pipeline."""
+    from distill.models.cards import STUDENT_CARD
+
+    folder = Path(folder)
+    if (folder / STUDENT_CARD).is_file():
+        return True
+    if not (folder / "config.yaml").is_file():
+        return False
+    from distill.config import load_config
+
+    return load_config(folder / "config.yaml").teacher.kind != "gmm"
+
+
 def _sample_cond(models, args):
     if models.mixture is not None:
         if models.conditioner is None:
@@ -148,6 +172,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     if models.pipeline is None:
         raise ToolkitError("export needs a diffusers teacher (sdxl / sd15); toy students are sampled with "
                            "`distill sample`")
-    out = export.export_student(models, config, args.out)
+    out = export.export_student(models, config, args.out, fmt=args.format)
     print(f"exported to {out}")
     return 0

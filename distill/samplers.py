@@ -38,7 +38,15 @@ def _full(t, batch: int, device) -> torch.Tensor:
     return torch.as_tensor(t, device=device).expand(batch)
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal like ``x``. ``generator`` may be a list with one generator per sample: each sample's noise
+    is then drawn from its own generator (on its device) and moved to ``x.device``, as diffusers' ``randn_tensor``
+    does, so image ``i`` depends only on its own seed, whatever the batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=x.dtype)
+                          for g in generator]).to(x.device)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
