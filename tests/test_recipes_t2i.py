@@ -127,3 +127,35 @@ def test_recipe_trains_resumes_exports_and_its_card_reproduces_the_run(name, dat
     exported = sample_export_images(out, card, PROMPTS[:2], seed=0)
     assert (exported - ours).abs().max().item() < 1e-4
     assert (ours[1] - ours[0]).abs().max() > 1e-3  # another prompt and seed, another image
+
+
+@pytest.mark.slow
+def test_sdxl_dmd2_4step_runs_with_two_cpu_processes(data, tiny_sdxl_dir, tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo) trains the flagship recipe; the checkpoint records 2 processes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    prompts, real = data
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    run = tmp_path / "two"
+    cmd = launcher + ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                      "-m", "distill.cli", "train", str(RECIPES / "sdxl_dmd2_4step.yaml"), "--out", str(run),
+                      "--no-progress", f"teacher.path={tiny_sdxl_dir}", f"data.prompts={prompts}",
+                      f"data.real={real['sdxl']}", "data.resolution=32", "data.batch_size=4", "train.steps=3",
+                      "train.log_every=1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    weights, _, state = ckpt.load_checkpoint(ckpt.list_checkpoints(run / "checkpoints")[-1])
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert set(weights) == {"student", "fake_score", "discriminator"}
+    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3] and "loss_d_gan" in logs[-1]
+    assert all(torch.isfinite(torch.tensor(v)) for r in logs for k, v in r.items() if k != "time")
