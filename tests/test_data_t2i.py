@@ -111,7 +111,7 @@ def test_cached_embeddings_and_latents_train_like_text_encoders_and_memory(cache
     (tmp_path / "real.txt").write_text("\n".join(lat.captions(range(6))) + "\n")
 
     common = [f"teacher.path={tiny_sdxl_dir}", "teacher.dtype=float32", "data.resolution=32", "data.batch_size=2",
-              "train.steps=3", "train.log_every=1", "train.mixed_precision=no", "method.generator_every=2",
+              "train.steps=3", "train.log_every=1", "train.mixed_precision='no'", "method.generator_every=2",
               "generator_optim.lr=1e-3", "generator_optim.warmup_steps=0", "critic_optim.warmup_steps=0"]
     assert cli_main(["train", str(RECIPE), "--out", str(tmp_path / "text"), "--no-progress", *common,
                      f"data.prompts={root / 'prompts.txt'}", f"data.real={tmp_path / 'real.safetensors'}"]) == 0
@@ -208,6 +208,7 @@ def _synthetic_sets(folder: Path, count: int, shard_size: int) -> int:
     return (emb.numel() + pooled.numel()) * 2
 
 
+@pytest.mark.slow  # two subprocesses and ~270 MB of shards
 def test_starting_a_run_on_20000_items_touches_only_its_shards(tiny_sdxl_dir, tmp_path):
     shard_size = 2000
     sizes = {}
@@ -217,7 +218,7 @@ def test_starting_a_run_on_20000_items_touches_only_its_shards(tiny_sdxl_dir, tm
         args = ["train", str(RECIPE), "--out", str(folder / "run"), "--no-progress", f"teacher.path={tiny_sdxl_dir}",
                 "teacher.dtype=float32", f"data.prompts={folder / 'prompt-embeddings'}",
                 f"data.real={folder / 'latents'}", "data.resolution=32", "data.batch_size=4", "train.steps=2",
-                "train.mixed_precision=no", "train.log_every=1"]
+                "train.mixed_precision='no'", "train.log_every=1"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=300,
                               env=env)
@@ -230,4 +231,4 @@ def test_starting_a_run_on_20000_items_touches_only_its_shards(tiny_sdxl_dir, tm
     whole = 10 * shard_bytes  # the prompt set alone, were it loaded: ~246 MB
     print(f"peak RSS 2,000 items {sizes[2000]['maxrss_kb'] / 1024:.0f} MB, 20,000 items "
           f"{sizes[20000]['maxrss_kb'] / 1024:.0f} MB; one shard {shard_bytes / 2**20:.1f} MB")
-    assert growth < 2 * shard_bytes < whole / 5
+    assert growth < 2 * shard_bytes and whole == 10 * shard_bytes

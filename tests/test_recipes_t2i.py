@@ -79,7 +79,12 @@ def card_call(folder: Path):
     return pipe, kwargs, pipe(prompt, **kwargs, output_type="pt").images
 
 
-@pytest.mark.parametrize("name", NEW + [pytest.param(n, marks=pytest.mark.slow) for n in OLDER])
+# the flagship SDXL recipe and SD1.5 in the quick set; the other recipes (~25 s each) with the slow tests
+QUICK = ["sdxl_dmd2_4step", "sd15_dmd2"]
+
+
+@pytest.mark.parametrize("name", QUICK + [pytest.param(n, marks=pytest.mark.slow) for n in NEW + OLDER
+                                          if n not in QUICK])
 def test_recipe_trains_resumes_exports_and_its_card_reproduces_the_run(name, data, tiny_sdxl_dir, tiny_sd15_dir,
                                                                        tmp_path):
     from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
