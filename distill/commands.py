@@ -168,6 +168,7 @@ def _sample_cond(models, args):
 def cmd_export(args: argparse.Namespace) -> int:
     from distill.models import export
 
+    _check_export_format(args.run, args.format)
     config, models = load_run(args.run, use_ema=not args.no_ema)
     if models.pipeline is None:
         raise ToolkitError("export needs a diffusers teacher (sdxl / sd15); toy students are sampled with "
@@ -175,3 +176,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export.export_student(models, config, args.out, fmt=args.format)
     print(f"exported to {out}")
     return 0
+
+
+def _check_export_format(run: str, fmt: str | None) -> None:
+    """``--format lora`` needs a LoRA student: checked from the run's config before any model loads."""
+    if fmt != "lora" or not (Path(run) / "config.yaml").is_file():
+        return
+    from distill.config import load_config
+
+    if load_config(Path(run) / "config.yaml").student.lora is None:
+        raise ToolkitError("--format lora needs a LoRA student (student.lora in the recipe); this student is a "
+                           "full UNet: use --format pipeline or unet")

@@ -16,6 +16,8 @@ encoding resumes. Reading is lazy (:mod:`distill.shards`).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -82,9 +84,17 @@ def _parse_resolution(text: str) -> tuple[int, int]:
 
 def _write_sets(out: Path, count: int, shard_size: int, make_shard, manifest: dict) -> int:
     """Write this process's missing shards; ``make_shard(start, stop) -> (tensors, captions)``. Returns shards written."""
-    from distill.shards import num_shards, shard_path, write_manifest, write_shard
+    from distill.shards import MANIFEST, num_shards, shard_path, write_manifest, write_shard
 
     rank, world = _rank_world()
+    existing = out / MANIFEST
+    if existing.is_file():  # resuming is only safe into the same set: shards already there are skipped
+        old = json.loads(existing.read_text())
+        keys = ("kind", "teacher", "count", "shard_size", "fields", "source_sha256", "resolution")
+        changed = [k for k in keys if old.get(k) != manifest.get(k)]
+        if changed:
+            raise ToolkitError(f"{out} already holds another set (different {', '.join(changed)}); choose another "
+                               f"--out or delete it")
     write_manifest(out, manifest)
     written = 0
     for shard in range(rank, num_shards(count, shard_size), world):
@@ -95,6 +105,11 @@ def _write_sets(out: Path, count: int, shard_size: int, make_shard, manifest: di
         write_shard(out, shard, tensors, captions)
         written += 1
     return written
+
+
+def _sha256(items: list[str]) -> str:
+    """Identity of a set's sources (prompts, or image paths and captions), to refuse mixing two sets."""
+    return hashlib.sha256("\n".join(items).encode("utf-8")).hexdigest()
 
 
 def _embed(conditioner, texts: list[str], batch_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -126,7 +141,7 @@ def encode_prompts(prompts: list[str], teacher: str, out: str | Path, shard_size
     conditioner, out = parts.conditioner, Path(out)
     spec = field_spec(_embed(conditioner, prompts[:1], 1, dtype))
     manifest = {"kind": PROMPT_SET, "model_kind": parts.kind, "teacher": os.fspath(teacher), "count": len(prompts),
-                "shard_size": shard_size, "fields": spec}
+                "shard_size": shard_size, "fields": spec, "source_sha256": _sha256(prompts)}
     _write_sets(out, len(prompts), shard_size,
                 lambda a, b: (_embed(conditioner, prompts[a:b], batch_size, dtype), prompts[a:b]), manifest)
     _write_uncond(out, conditioner, dtype)
@@ -166,6 +181,7 @@ def encode_latents(images: str | Path, teacher: str, out: str | Path, resolution
     manifest = {"kind": LATENT_SET, "model_kind": parts.kind, "teacher": os.fspath(teacher),
                 "count": len(files), "shard_size": shard_size, "fields": field_spec(first),
                 "resolution": list(resolution), "scaling_factor": parts.scaling_factor,
+                "source_sha256": _sha256([f"{f.relative_to(images)}\t{c}" for f, c in zip(files, captions)]),
                 "transform": "resize to cover (bicubic, aspect kept), centre crop, VAE posterior mean x scaling_factor"}
     _write_sets(out, len(files), shard_size, make_shard, manifest)
     if caption_embeddings:

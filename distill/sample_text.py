@@ -84,15 +84,45 @@ def text_prompts(args) -> list[str]:
     return [args.prompt] * args.n
 
 
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ToolkitError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ToolkitError(f"--device {name}: CUDA is not available here")
+    return name
+
+
+def _run_timesteps(run: str | Path) -> list[int]:
+    from distill.config import load_config
+
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise ToolkitError(f"{run} is neither a run folder (no config.yaml) nor an exported student "
+                           f"(no distill_student.json)")
+    return [int(t) for t in load_config(path).student.timesteps]
+
+
+def _check_steps(steps: int | None, timesteps: list[int]) -> None:
+    """``--steps`` against the student's timesteps, before any model loads."""
+    from distill.models.cards import subset_timesteps
+
+    subset_timesteps(timesteps, steps)
+
+
 def cmd_sample_text(args, run_or_export: str | Path) -> int:
     """``distill sample`` for a text-to-image run folder or exported folder (see the module docstring)."""
     from distill.models.cards import load_card
 
     if args.batch_size <= 0:
         raise ToolkitError("--batch-size must be positive")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     prompts = text_prompts(args)
     card = load_card(run_or_export)
+    _check_steps(args.steps, card["timesteps"] if card is not None else _run_timesteps(run_or_export))
     if card is not None:
         images = sample_export_images(run_or_export, card, prompts, args.seed, args.steps, args.batch_size, device)
     else:

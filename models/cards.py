@@ -218,6 +218,10 @@ def pipeline_from_card(card: dict, folder: str | os.PathLike, device: str | torc
 
     folder = os.fspath(folder)
     cls = getattr(diffusers, card["pipeline_class"])
+    if card["format"] != "pipeline":
+        from distill.models.loading import resolve_pipeline_dir
+
+        resolve_pipeline_dir(card["teacher"])  # a missing teacher is a one-line error, not a traceback
     if card["format"] == "pipeline":
         pipe = cls.from_pretrained(folder)
     elif card["format"] == "unet":

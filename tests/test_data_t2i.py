@@ -168,6 +168,8 @@ def test_parallel_writers_share_shards_and_incomplete_sets_are_refused(caches, t
     encode_prompts(PROMPTS, tiny_sdxl_dir, out, shard_size=2)  # rank 0: shards 0 and 2
     whole, reference = ShardedSet(out), ShardedSet(root / "emb")
     assert torch.equal(whole.get(range(5))["prompt_embeds"], reference.get(range(5))["prompt_embeds"])
+    with pytest.raises(ToolkitError, match="already holds another set \\(different source_sha256\\)"):
+        encode_prompts(PROMPTS[::-1], tiny_sdxl_dir, out, shard_size=2)  # would skip the shards written above
 
 
 # ------------------------------------------------------------------------------------------ lazy at scale

@@ -29,7 +29,7 @@ def run(tmp_path_factory, tiny_sdxl_dir):
     out = root / "run"
     assert cli_main(["train", str(RECIPE), "--out", str(out), "--no-progress", f"teacher.path={tiny_sdxl_dir}",
                      f"data.prompts={root / 'prompts.jsonl'}", "data.real=null", "data.resolution=32",
-                     "data.batch_size=2", "train.steps=1", "student.lora.rank=4", "fake_score.lora.rank=4",
+                     "data.batch_size=2", "train.steps=1", "train.mixed_precision='no'", "student.lora.rank=4", "fake_score.lora.rank=4",
                      "method.gan_generator_weight=0", "method.gan_discriminator_weight=0",
                      "generator_optim.lr=1e-2", "generator_optim.warmup_steps=0"]) == 0
     return out, root / "prompts.jsonl"
@@ -121,3 +121,22 @@ def test_card_details_for_other_students(tiny_sdxl_dir, tmp_path):
     assert card["call_kwargs"]["guidance_scale"] == lcm.method["sample_w"] + 1
     assert card["scheduler_config"]["original_inference_steps"] == 50
     assert card["steps_accepted"]["3"] == {"timesteps": [999, 759, 499]}  # LCM's own 3 steps differ
+
+
+def test_user_errors_come_before_any_model_loads(run, tmp_path, capsys):
+    from distill.config import load_config, save_config
+
+    full = tmp_path / "full_run"  # a run folder of a full-UNet student (config only: nothing may load)
+    full.mkdir()
+    save_config(load_config(Path(RECIPE).with_name("sdxl_dmd2_4step.yaml")), full / "config.yaml")
+    cases = [(["export", str(full), "--out", str(tmp_path / "e"), "--format", "lora"], "--format lora needs a LoRA"),
+             (["sample", str(run[0]), "--prompts", str(run[1]), "--out", str(tmp_path / "s"), "--steps", "5"],
+              "--steps must be between 1 and 4"),
+             (["sample", str(run[0]), "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "s")],
+              "prompt file not found"),
+             (["sample", str(run[0]), "--prompts", str(run[1]), "--out", str(tmp_path / "s"), "--device", "tpu:x"],
+              "is not a device")]
+    for args, message in cases:
+        assert cli_main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err

@@ -100,6 +100,9 @@ def test_recipe_trains_resumes_exports_and_its_card_reproduces_the_run(name, dat
     overrides = [f"teacher.path={tiny_sd15_dir if kind == 'sd15' else tiny_sdxl_dir}", "teacher.resolution=null",
                  f"data.prompts={prompts}", f"data.real={real[kind]}", "data.resolution=32", "data.batch_size=2",
                  "train.log_every=1", "train.checkpoint_every=0",
+                 # accelerate keeps one precision per process: in-process tests all use "no" (the 2-process
+                 # test below runs the recipe's bf16)
+                 "train.mixed_precision='no'",
                  # a visible first step (the recipes warm up over 500 steps from 5e-7) and a tiny warm start
                  "generator_optim.lr=1e-3", "generator_optim.warmup_steps=0", "student.warm_start.steps=2",
                  "student.warm_start.ode_steps=2", "student.warm_start.pairs=0"]
@@ -164,3 +167,47 @@ def test_sdxl_dmd2_4step_runs_with_two_cpu_processes(data, tiny_sdxl_dir, tmp_pa
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3] and "loss_d_gan" in logs[-1]
     assert all(torch.isfinite(torch.tensor(v)) for r in logs for k, v in r.items() if k != "time")
+
+
+# DMD2's reference settings (METHODS.md Sec. 1-2): method, student and optimiser values each recipe must carry
+REFERENCE = {
+    "sdxl_dmd2_4step": dict(timesteps=[999, 749, 499, 249], guidance=8.0, ttur=5, lr=5e-7, gan=(5e-3, 1e-2)),
+    "sdxl_dmd2_1step": dict(timesteps=[399], guidance=8.0, ttur=5, lr=5e-7, gan=(5e-3, 1e-2)),
+    "sdxl_dmd2_lora": dict(timesteps=[999, 749, 499, 249], guidance=8.0, ttur=5, lr=5e-5, gan=(5e-3, 1e-2)),
+    "sd15_dmd2": dict(timesteps=[999], guidance=1.75, ttur=10, lr=1e-5, gan=(0.0, 0.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_dmd2_recipes_carry_the_reference_settings(name):
+    from distill.config import load_config
+
+    ref = REFERENCE[name]
+    text = (RECIPES / f"{name}.yaml").read_text()
+    config = load_config(RECIPES / f"{name}.yaml")
+    method = config.method
+    assert method["name"] == "dmd2" and config.student.timesteps == ref["timesteps"]
+    assert method["guidance_scale"] == ref["guidance"] and method["generator_every"] == ref["ttur"]
+    assert (method["gan_generator_weight"], method["gan_discriminator_weight"]) == ref["gan"]
+    assert config.teacher.dtype == "bfloat16" and config.train.ema_decay is None
+    for optim in (config.generator_optim, config.critic_optim):
+        assert optim.lr == ref["lr"] and tuple(optim.betas) == (0.9, 0.999) and optim.weight_decay == 0.01
+        assert optim.warmup_steps == 500 and optim.grad_clip == 10.0
+    assert (config.student.lora is not None) == (config.fake_score.lora is not None) == ("lora" in name)
+    assert (config.student.warm_start.steps > 0) == (name == "sdxl_dmd2_1step")
+    assert config.data.resolution == (512 if name == "sd15_dmd2" else 1024)
+    # the header says what it reproduces and how to launch it on 8 GPUs
+    header = text.split("\nteacher:")[0]
+    assert "8 GPUs" in header and "distill.cli train" in header and "distill export" in header
+    for key in ("teacher.path", "train.steps", "data.batch_size", "data.prompts", "data.real", "data.resolution"):
+        assert key in header
+
+
+def test_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    for name in ("ddp_1node.yaml", "fsdp_1node.yaml"):
+        config = ClusterConfig.from_yaml_file(str(RECIPES / "accelerate" / name))
+        assert config.num_processes == 8 and config.num_machines == 1 and config.mixed_precision == "bf16"
+    sbatch = (RECIPES / "accelerate" / "slurm_multinode.sbatch").read_text()
+    assert "--rdzv_backend c10d" in sbatch and "-m distill.cli train" in sbatch
