@@ -129,7 +129,8 @@ def sample_student(model, noise: torch.Tensor, cond: Cond | None = None,
 
     ``timesteps`` defaults to the student's own. The first input is ``model.input_from_noise(noise)``
     when the model is a :class:`~models.roles.Student` (pure noise otherwise). Noise is drawn from
-    ``generator`` once per re-noise, in step order, as diffusers' ``LCMScheduler`` draws it.
+    ``generator`` once per re-noise, in step order, as diffusers' ``LCMScheduler`` draws it; a list of
+    generators (one per sample) draws each sample's noise from its own, as pipelines do with such a list.
     ``x_start`` replaces the first input (an already noisy sample at ``timesteps[0]``).
     """
     schedule = model.schedule

@@ -164,6 +164,14 @@ def card_readme(card: dict, folder: str) -> str:
              "unet": "the student's UNet and its scheduler; the other parts come from the teacher",
              "lora": "LoRA weights for the teacher's UNet (`load_lora_weights`) and the student's scheduler"}
     guidance = card["call_kwargs"]["guidance_scale"]
+    scaling = card["scheduler_config"]["timestep_scaling"]
+    scaling_note = ("switches LCMScheduler's boundary blend off: the student outputs its x0 prediction"
+                    if scaling == NO_BOUNDARY_TIMESTEP_SCALING else
+                    "the consistency student's boundary scalings c_skip, c_out")
+    extra = ""
+    if card.get("latents_scale") is not None:
+        extra = (f"\n- The student was trained on `sigma(t*) z` (noise_scale: sigma): `latents=` carries the factor "
+                 f"{card['latents_scale']!r}; without it the pipeline would feed unit noise.")
     return f"""---
 library_name: diffusers
 base_model: {card['teacher']}
@@ -178,10 +186,10 @@ This folder holds {usage[card['format']]}, exported by `distill export`.
 ```
 
 - Scheduler: `LCMScheduler` at the student's timesteps {card['timesteps']}, with
-  `timestep_scaling={card['scheduler_config']['timestep_scaling']!r}` (the student's boundary scalings).
+  `timestep_scaling={scaling!r}` ({scaling_note}).
 - `guidance_scale={guidance!r}` is part of the call: do not drop it (the pipeline default would apply
   classifier-free guidance to the student).
-- Image `i` of `distill sample --seed S` is this call with `torch.Generator().manual_seed(S + i)`.
+- Image `i` of `distill sample --seed S` is this call with `torch.Generator().manual_seed(S + i)`.{extra}
 
 Steps the scheduler accepts: 1 to {n}; {n} is what the student was trained for. For K steps pass:
 
