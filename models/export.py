@@ -168,6 +168,9 @@ def export_pipeline(pipeline_dir: str | os.PathLike, unet: Any, out_dir: str | o
         raise ToolkitError(f"export_pipeline would overwrite the teacher pipeline in {src}; choose another out_dir")
     if scheduler not in (None, "lcm"):
         raise ToolkitError(f"unknown scheduler {scheduler!r} for export: use None (keep the teacher's) or 'lcm'")
+    if scheduler == "lcm" and timesteps is not None and guidance_scale is None:
+        # the card's call would otherwise rely on the pipeline's default CFG (5.0 for SDXL) for a distilled student
+        raise ToolkitError("export_pipeline with an LCM scheduler needs guidance_scale (0 for DMD2-type students)")
     unet_module = unwrap_unet(unet)
     _require_diffusers_model(unet_module)
     os.makedirs(out_dir, exist_ok=True)
