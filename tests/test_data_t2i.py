@@ -46,18 +46,16 @@ def test_prompt_file_formats(tmp_path):
     with pytest.raises(ToolkitError, match="unknown prompt file type '.tsv'"):
         (tmp_path / "p.tsv").write_text("x")
         read_prompts(tmp_path / "p.tsv")
-    (tmp_path / "p.parquet").write_bytes(b"PAR1")
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
+    pq = pytest.importorskip("pyarrow.parquet")  # a dev dependency
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"id": [1, 2], "caption": ["a cat", "a dog"]}), tmp_path / "p.parquet")
+    assert read_prompts(tmp_path / "p.parquet") == ["a cat", "a dog"]
+    with pytest.MonkeyPatch.context() as mp:  # without pyarrow: one clear line
+        mp.setitem(sys.modules, "pyarrow", None)
+        mp.setitem(sys.modules, "pyarrow.parquet", None)
         with pytest.raises(ToolkitError, match="needs pyarrow"):
             read_prompts(tmp_path / "p.parquet")
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table({"caption": ["a cat", "a dog"]}), tmp_path / "p.parquet")
-        assert read_prompts(tmp_path / "p.parquet") == ["a cat", "a dog"]
 
 
 def test_load_image_keeps_aspect_and_centre_crops(tmp_path):
