@@ -8,13 +8,11 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from distill.methods.base import Batch, BatchRNG
-from distill.models.errors import ToolkitError
 from distill.prompt_files import read_prompts  # noqa: F401  (re-exported: prompt files of every format)
 
 _DATA_STREAM = 1_000  # BatchRNG stream reserved for data, apart from the losses' streams

@@ -123,16 +123,7 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ real sets
-class _Captioned:
-    """Shared: conditioning of captions, from stored embeddings or the conditioner."""
-
-    conditioner = None
-
-    def _cond_of(self, captions: list[str]) -> Cond:
-        return self.conditioner(captions)
-
-
-class InMemoryLatents(_Captioned):
+class InMemoryLatents:
     """``[N, C, h, w]`` latents in memory with their captions (default: the run's prompts by index)."""
 
     def __init__(self, latents: torch.Tensor, captions: Sequence[str] | None, conditioner, prompts=None):
@@ -145,10 +136,10 @@ class InMemoryLatents(_Captioned):
         latents = self.latents[list(indices)]
         if self.captions is None:
             return latents, self.prompts.cond([i % len(self.prompts) for i in indices])
-        return latents, self._cond_of([self.captions[i % len(self.captions)] for i in indices])
+        return latents, self.conditioner([self.captions[i % len(self.captions)] for i in indices])
 
 
-class ShardedLatents(_Captioned):
+class ShardedLatents:
     """``distill encode-latents`` output: latents and captions (and caption embeddings, when stored)."""
 
     def __init__(self, folder: str | Path, conditioner):
@@ -171,10 +162,10 @@ class ShardedLatents(_Captioned):
             fields = {k: v.float() for k, v in self.set.get(indices, self.conditioner.fields).items()}
             uncond = None if self.uncond is None else {k: v.float() for k, v in self.uncond.items()}
             return latents, self.conditioner.from_embeddings(fields, uncond)
-        return latents, self._cond_of(self.set.captions(indices))
+        return latents, self.conditioner(self.set.captions(indices))
 
 
-class ImageFolderLatents(_Captioned):
+class ImageFolderLatents:
     """Images with same-name ``.txt`` captions, VAE-encoded when asked for (as ``encode-latents`` does)."""
 
     def __init__(self, folder: str | Path, vae, size: tuple[int, int], conditioner):
@@ -189,7 +180,7 @@ class ImageFolderLatents(_Captioned):
 
     def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, Cond]:
         images = torch.stack([load_image(self.files[i], self.size) for i in indices])
-        return encode_images(self.vae, images).cpu(), self._cond_of([self.captions[i] for i in indices])
+        return encode_images(self.vae, images).cpu(), self.conditioner([self.captions[i] for i in indices])
 
 
 def real_set(path: str | Path, conditioner, prompts, vae=None, size: tuple[int, int] | None = None):
