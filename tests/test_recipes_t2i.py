@@ -99,7 +99,7 @@ def test_recipe_trains_resumes_exports_and_its_card_reproduces_the_run(name, dat
     assert load_config(recipe).teacher.kind == kind
     overrides = [f"teacher.path={tiny_sd15_dir if kind == 'sd15' else tiny_sdxl_dir}", "teacher.resolution=null",
                  f"data.prompts={prompts}", f"data.real={real[kind]}", "data.resolution=32", "data.batch_size=2",
-                 "train.log_every=1", "train.checkpoint_every=0",
+                 "train.log_every=1", "train.checkpoint_every=0", "train.sample_every=3",
                  # accelerate keeps one precision per process: in-process tests all use "no" (the 2-process
                  # test below runs the recipe's bf16)
                  "train.mixed_precision='no'",
@@ -111,6 +111,11 @@ def test_recipe_trains_resumes_exports_and_its_card_reproduces_the_run(name, dat
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000002"]
     assert cli_main(["train", str(recipe), "--out", str(run), "--no-progress", "train.steps=3", *overrides]) == 0
     assert ckpt.list_checkpoints(run / "checkpoints")[-1].name == "step_00000003"
+    # grids of the 4 prompts at the end of each run
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000002.png", "step_00000003.png"]
+    from PIL import Image
+
+    assert Image.open(run / "samples" / "step_00000003.png").size == (2 * 32 + 3 * 2,) * 2
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(v)) for r in logs for k, v in r.items() if k != "time")
