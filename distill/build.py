@@ -156,7 +156,7 @@ def _prepare_student(config: Config, student: Student) -> None:
         hook(student, method_config(config))
 
 
-def build_models(config: Config, need_fake_score: bool = True, device=None) -> Models:
+def build_models(config: Config, need_fake_score: bool = True, device=None, text_encoders: bool = True) -> Models:
     """Teacher, student and (when the method needs one) fake score, as the recipe describes them.
 
     Initialisation draws from the global RNG seeded with ``train.seed``, so every process of a run (and a
@@ -233,19 +233,32 @@ def _build_models(config: Config, need_fake_score: bool, device) -> Models:
             fake = FakeScore(fake_denoiser)
         return Models(teacher, student, fake, mixture_conditioner(mixture), mixture, mixture.sample_shape)
     if tcfg.kind in ("sdxl", "sd15", "auto"):
-        return _build_diffusers_models(config, need_fake_score, device)
+        return _build_diffusers_models(config, need_fake_score, device, text_encoders)
     raise ToolkitError(f"unknown teacher kind {tcfg.kind!r}; expected gmm, sdxl, sd15 or auto")
 
 
-def _build_diffusers_models(config: Config, need_fake_score: bool, device=None) -> Models:
+def image_size(resolution) -> tuple[int, int] | None:
+    """``data.resolution`` (an int or ``[height, width]``, pixels) as ``(height, width)``; None stays None."""
+    if resolution is None:
+        return None
+    values = [resolution] * 2 if isinstance(resolution, (int, float)) else list(resolution)
+    if len(values) != 2 or any(int(v) != v or v <= 0 for v in values):
+        raise ToolkitError(f"data.resolution must be a positive integer or [height, width], got {resolution!r}")
+    return int(values[0]), int(values[1])
+
+
+def _build_diffusers_models(config: Config, need_fake_score: bool, device=None,
+                            load_text_encoders: bool = True) -> Models:
     from distill.models.loading import load_pipeline_components
 
     tcfg = config.teacher
     if not tcfg.path:
         raise ToolkitError("teacher.path is required for diffusers teachers (a repo id or a pipeline folder)")
     kind = "auto" if tcfg.kind == "auto" else tcfg.kind
+    size = image_size(config.data.resolution)
+    micro = tuple(tcfg.resolution) if tcfg.resolution else size  # SDXL add_time_ids: teacher.resolution overrides
     parts = load_pipeline_components(tcfg.path, kind=kind, device=device or "cpu", uncond=tcfg.uncond,
-                                     resolution=tuple(tcfg.resolution) if tcfg.resolution else None)
+                                     resolution=micro, load_text_encoders=load_text_encoders)
     base = parts.denoiser
     # LoRA roles are adapters on the teacher's one frozen base (roles.share_lora_base); full roles are fp32 copies
     lora = {"default": _lora_spec(config.student.lora)}
@@ -266,6 +279,11 @@ def _build_diffusers_models(config: Config, need_fake_score: bool, device=None) 
     _prepare_student(config, student)
     fake = FakeScore(fake_den) if need_fake_score else None
     latent_shape = tuple(parts.latent_shape(1)[1:])
+    if size is not None:
+        factor = parts.vae_scale_factor
+        if size[0] % factor or size[1] % factor:
+            raise ToolkitError(f"data.resolution {list(size)} must divide by the VAE's scale factor {factor}")
+        latent_shape = (latent_shape[0], size[0] // factor, size[1] // factor)
     return Models(teacher, student, fake, parts.conditioner, None, latent_shape, pipeline=parts)
 
 
@@ -275,7 +293,7 @@ def build_method(config: Config, models: Models, example_batch):
 
 
 def build_data(config: Config, models: Models, with_real: bool = False):
-    from distill.data import PromptSource, ToySource, read_prompts
+    from distill.data import PromptSource, ToySource
 
     dcfg = config.data
     if dcfg.kind == "toy":
@@ -284,29 +302,41 @@ def build_data(config: Config, models: Models, with_real: bool = False):
         return ToySource(models.mixture, models.conditioner, dcfg.batch_size, config.train.seed, dcfg.class_labels,
                          with_real=with_real)
     if dcfg.kind == "prompts":
+        from distill.datasets import prompt_set, real_set
+
         if not dcfg.prompts:
-            raise ToolkitError("data.prompts must name a prompt file (one prompt per line)")
-        real = real_prompts = None
+            raise ToolkitError("data.prompts must name a prompt file (.txt, .jsonl, .csv, .parquet) or a folder "
+                               "written by `distill encode-prompts`")
+        kind = getattr(models.pipeline, "kind", None)
+        prompts = prompt_set(dcfg.prompts, models.conditioner, dcfg.caption_column, kind)
+        real = None
         if dcfg.real:
-            real, real_prompts = load_real_latents(dcfg.real)
-        return PromptSource(read_prompts(dcfg.prompts), models.conditioner, dcfg.batch_size, models.sample_shape,
-                            config.train.seed, real, real_prompts)
+            pipeline = models.pipeline
+            size = tuple(s * pipeline.vae_scale_factor for s in models.sample_shape[-2:]) if pipeline else None
+            real = real_set(dcfg.real, models.conditioner, prompts, getattr(pipeline, "vae", None), size)
+            shape = tuple(real.get([0])[0].shape[1:])
+            if shape != tuple(models.sample_shape):
+                raise ToolkitError(f"data.real latents have shape {list(shape)}, the student makes "
+                                   f"{list(models.sample_shape)} (encode the images at data.resolution)")
+        return PromptSource(prompts, models.conditioner, dcfg.batch_size, models.sample_shape, config.train.seed,
+                            real)
     raise ToolkitError(f"unknown data.kind {dcfg.kind!r}; expected toy or prompts")
 
 
-def load_real_latents(path: str):
-    """``.safetensors`` with a ``latents`` tensor; captions in a sibling ``.txt`` (one per latent), optional."""
-    from safetensors.torch import load_file
+def needs_text_encoders(config: Config) -> bool:
+    """False when every caption the run sees has cached embeddings (``encode-prompts`` / ``encode-latents``)."""
+    from distill.shards import MANIFEST, is_sharded_set
 
-    p = Path(path)
-    if not p.is_file():
-        raise ToolkitError(f"real latents not found: {p} (a .safetensors file with a 'latents' tensor)")
-    tensors = load_file(str(p))
-    if "latents" not in tensors:
-        raise ToolkitError(f"{p} has no 'latents' tensor (found: {', '.join(tensors)})")
-    captions = p.with_suffix(".txt")
-    prompts = [l.strip() for l in captions.read_text().splitlines()] if captions.is_file() else None
-    return tensors["latents"].float(), prompts
+    dcfg = config.data
+    if dcfg.kind != "prompts" or not is_sharded_set(dcfg.prompts):
+        return True
+    if not dcfg.real:
+        return False
+    if not is_sharded_set(dcfg.real):
+        return True
+    import json
+
+    return "prompt_embeds" not in json.loads((Path(dcfg.real) / MANIFEST).read_text()).get("fields", {})
 
 
 def example_batch(data, device=None):
@@ -323,7 +353,8 @@ def build_run(config: Config, device=None, warm_start: bool = True, progress: bo
     device = torch.device(device) if device is not None else None
     cls = method_class(config.method["name"])
     mcfg = method_config(config)
-    models = build_models(config, need_fake_score=getattr(cls, "needs_fake_score", True), device=device)
+    models = build_models(config, need_fake_score=getattr(cls, "needs_fake_score", True), device=device,
+                          text_encoders=needs_text_encoders(config))
     needs_real = getattr(mcfg, "gan_discriminator_weight", 0) > 0 or getattr(mcfg, "data_source", None) == "real"
     data = build_data(config, models, with_real=needs_real)
     if warm_start and config.student.warm_start.steps > 0:

@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "distill.commands",  # train, sample, export
     "distill.metrics.cli",  # fid, fid-stats, clip
     "distill.plan",  # plan
+
+    "distill.encode",  # encode-prompts, encode-latents
 ]
 
 

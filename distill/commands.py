@@ -27,14 +27,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("sample", help="sample from a trained student")
-    p.add_argument("run", help="run folder written by `distill train`")
+    p.add_argument("run", help="run folder written by `distill train`, or a folder written by `distill export`")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--out", required=True, help=".npy file (vector data) or folder of PNGs (images)")
     p.add_argument("--steps", type=int, default=None,
                    help="use the first K of the student's timesteps (default: all of them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional students)")
-    p.add_argument("--prompt", default=None, help="prompt (text-to-image students)")
+    p.add_argument("--prompt", default=None, help="prompt (text-to-image students), repeated --n times")
+    p.add_argument("--prompts", default=None,
+                   help="prompt file (.txt, .jsonl, .csv, .parquet): one image per prompt, written to OUT/images/ "
+                        "with OUT/prompts.txt and OUT/grid.png")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA exists")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="where to run (default: this process's GPU if any, else cpu)")
@@ -45,6 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default=None, help="where to rebuild the student (default: GPU if any, else cpu)")
+    p.add_argument("--format", default=None, choices=["pipeline", "unet", "lora"],
+                   help="pipeline (default for full students), unet, or lora (default for LoRA students)")
     p.set_defaults(func=cmd_export)
 
 
@@ -141,8 +146,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     for option, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--steps", args.steps)):
         cli_checks.at_least(option, value, 1)
-    (cli_checks.out_file if str(args.out).endswith(".npy") else cli_checks.out_dir)(args.out)
     cli_checks.device(args.device)
+    if args.prompts is not None or _is_text_to_image(args.run):
+        from distill.sample_text import cmd_sample_text
+
+        cli_checks.out_dir(args.out)
+        return cmd_sample_text(args, args.run)
+    (cli_checks.out_file if str(args.out).endswith(".npy") else cli_checks.out_dir)(args.out)
     config, models = load_run(args.run, use_ema=not args.no_ema, device=args.device)
     student = models.student
     device = student.timesteps.device
@@ -170,6 +180,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_text_to_image(folder: str) -> bool:
+    """An exported folder (it has a student card) or a run whose teacher is a diffusers pipeline."""
+    from distill.models.cards import STUDENT_CARD
+
+    folder = Path(folder)
+    if (folder / STUDENT_CARD).is_file():
+        return True
+    if not (folder / "config.yaml").is_file():
+        return False
+    from distill.config import load_config
+
+    return load_config(folder / "config.yaml").teacher.kind != "gmm"
+
+
 def _sample_cond(models, args):
     if models.mixture is not None:
         if models.conditioner is None:
@@ -192,10 +216,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cli_checks.out_dir(args.out)  # before the run is loaded
     cli_checks.device(args.device)
+    _check_export_format(args.run, args.format)
     config, models = load_run(args.run, use_ema=not args.no_ema, device=args.device)
     if models.pipeline is None:
         raise ToolkitError("export needs a diffusers teacher (sdxl / sd15); toy students are sampled with "
                            "`distill sample`")
-    out = export.export_student(models, config, args.out)
+    out = export.export_student(models, config, args.out, fmt=args.format)
     print(f"exported to {out}")
     return 0
+
+
+def _check_export_format(run: str, fmt: str | None) -> None:
+    """``--format lora`` needs a LoRA student: checked from the run's config before any model loads."""
+    if fmt != "lora" or not (Path(run) / "config.yaml").is_file():
+        return
+    from distill.config import load_config
+
+    if load_config(Path(run) / "config.yaml").student.lora is None:
+        raise ToolkitError("--format lora needs a LoRA student (student.lora in the recipe); this student is a "
+                           "full UNet: use --format pipeline or unet")

@@ -102,6 +102,10 @@ class DataConfig:
     batch_size: int = 256
     prompts: str | None = None
     real: str | None = None  # precomputed real latents (.safetensors with "latents" [and "prompts"]) for GANs
+    # text-to-image: generated image size in pixels (an int or [height, width]); sets the latent size and SDXL's
+    # add_time_ids (unless teacher.resolution overrides those). Default: the pipeline's (unet sample_size x VAE factor)
+    resolution: int | list | None = None
+    caption_column: str | None = None  # .jsonl / .csv / .parquet prompt files: default caption, prompt or text
     class_labels: list | None = None  # restrict toy labels; default: all classes uniformly
 
 

@@ -2,18 +2,18 @@
 
 * :class:`ToySource` -- generator noise and class labels for an analytic mixture; real samples drawn from
   the mixture itself (for GAN losses).
-* :class:`PromptSource` -- prompts from a text file (one per line), cycled in order; the data position is
-  ``step * global_batch``. Optional real latents (precomputed VAE latents, for DMD2's GAN).
+* :class:`PromptSource` -- prompts (a prompt file, or cached embeddings from ``distill encode-prompts``),
+  cycled in order; the data position is ``step * global_batch``. Optional real latents with captions (a
+  ``distill encode-latents`` folder, an image folder, or a latent file; :mod:`distill.datasets`).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from distill.methods.base import Batch, BatchRNG
-from distill.models.errors import ToolkitError
+from distill.prompt_files import read_prompts  # noqa: F401  (re-exported: prompt files of every format)
 
 _DATA_STREAM = 1_000  # BatchRNG stream reserved for data, apart from the losses' streams
 
@@ -47,45 +47,40 @@ class ToySource:
         return Batch(noise=noise, cond=cond, rng=rng, real=real, real_cond=cond)
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise ToolkitError(f"prompt file not found: {path} (a text file with one prompt per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ToolkitError(f"prompt file {path} has no prompts")
-    return prompts
-
-
 class PromptSource:
-    """Prompts cycled in file order; conditioning encoded on the fly by the teacher's conditioner.
+    """Prompts cycled in order; item ``i`` of step ``s`` is ``(s * global_batch + i) mod len(prompts)``.
 
     Args:
+        prompts: a prompt set (:mod:`distill.datasets`: text encoded on the fly, or cached embeddings read
+            lazily) or a list of strings (encoded by ``conditioner``).
         latent_shape: shape of one generator input (e.g. (4, 128, 128) for SDXL at 1024 px).
-        real_latents: [N, *latent_shape] precomputed VAE latents of real images (GAN), paired with
-            ``real_prompts`` (default: the prompts of the same index).
+        real: real latents with their captions (GAN, consistency on real data): a real set from
+            :func:`distill.datasets.real_set`, or a ``[N, *latent_shape]`` tensor paired with ``real_prompts``
+            (default: the prompts of the same index). Cycled the same way as the prompts.
     """
 
-    def __init__(self, prompts: Sequence[str], conditioner, batch_size: int, latent_shape: Sequence[int],
-                 seed: int = 0, real_latents: torch.Tensor | None = None, real_prompts: Sequence[str] | None = None):
-        self.prompts, self.conditioner, self.global_batch_size = list(prompts), conditioner, batch_size
-        self.latent_shape, self.seed = tuple(latent_shape), seed
-        self.real_latents, self.real_prompts = real_latents, list(real_prompts or prompts)
+    def __init__(self, prompts, conditioner, batch_size: int, latent_shape: Sequence[int], seed: int = 0,
+                 real_latents=None, real_prompts: Sequence[str] | None = None):
+        from distill.datasets import InMemoryLatents, TextPrompts
 
-    def _take(self, items: list, step: int, rows: slice) -> list:
-        start = step * self.global_batch_size
-        idx = range(start + (rows.start or 0), start + (rows.stop if rows.stop is not None else self.global_batch_size))
-        return [items[i % len(items)] for i in idx]
+        if isinstance(prompts, (list, tuple)):
+            prompts = TextPrompts(prompts, conditioner)
+        if isinstance(real_latents, torch.Tensor):
+            real_latents = InMemoryLatents(real_latents, real_prompts, conditioner, prompts)
+        self.prompts, self.conditioner, self.global_batch_size = prompts, conditioner, batch_size
+        self.latent_shape, self.seed, self.real = tuple(latent_shape), seed, real_latents
+
+    def _indices(self, step: int, rows: slice, n: int) -> list[int]:
+        start = step * self.global_batch_size + (rows.start or 0)
+        stop = step * self.global_batch_size + (rows.stop if rows.stop is not None else self.global_batch_size)
+        return [i % n for i in range(start, stop)]
 
     def __call__(self, step: int, rows: slice, device) -> Batch:
         rng = BatchRNG(self.seed, step, self.global_batch_size, rows, device)
         noise = rng.fork(_DATA_STREAM).randn(*self.latent_shape)
-        cond = self.conditioner(self._take(self.prompts, step, rows)).to(device)
+        cond = self.prompts.cond(self._indices(step, rows, len(self.prompts))).to(device)
         real = real_cond = None
-        if self.real_latents is not None:
-            n = self.real_latents.shape[0]
-            start = step * self.global_batch_size + (rows.start or 0)
-            idx = [(start + i) % n for i in range(noise.shape[0])]
-            real = self.real_latents[idx].to(device)
-            real_cond = self.conditioner([self.real_prompts[i % len(self.real_prompts)] for i in idx]).to(device)
+        if self.real is not None:
+            real, real_cond = self.real.get(self._indices(step, rows, len(self.real)))
+            real, real_cond = real.to(device), real_cond.to(device)
         return Batch(noise=noise, cond=cond, rng=rng, real=real, real_cond=real_cond)

@@ -73,6 +73,35 @@ def sample_grid_writer(models, config):
 
     if models.mixture is None and getattr(models, "pipeline", None) is None:
         return None
-    if models.mixture is None:  # text-to-image: sampling needs prompts; skip until a prompt list is configured
+    if models.mixture is None:  # text-to-image: a grid of the run's first prompts
+        return _text_grid_writer(models, config)
+    return write
+
+
+def _text_grid_writer(models, config, max_images: int = 16):
+    """Grids of the first ``min(16, sample_count)`` items of ``data.prompts`` (text or cached embeddings), image
+    ``i`` from ``torch.Generator().manual_seed(i)`` as ``distill sample`` draws it, so grids of successive steps
+    compare the same noise and prompts."""
+    import math
+
+    from distill.datasets import prompt_set
+
+    if not config.data.prompts or not config.train.sample_every:
         return None
+    prompts = prompt_set(config.data.prompts, models.conditioner, config.data.caption_column)
+    n = min(max_images, len(prompts), config.train.sample_count)
+
+    def write(step: int, stem: Path) -> None:
+        from torchvision.utils import save_image
+
+        student = models.student
+        device = next(student.parameters()).device
+        generators = [torch.Generator().manual_seed(i) for i in range(n)]
+        z = torch.cat([torch.randn((1, *models.sample_shape), generator=g) for g in generators]).to(device)
+        was_training = student.training
+        student.eval()
+        x = sample_student(student, z, prompts.cond(range(n)).to(device), generator=generators)
+        student.train(was_training)
+        save_image(decode_to_images(x.float(), models), stem.with_suffix(".png"), nrow=math.ceil(math.sqrt(n)))
+
     return write

@@ -38,11 +38,18 @@ def _full(t, batch: int, device) -> torch.Tensor:
     return torch.as_tensor(t, device=device).expand(batch)
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Noise like ``x``, drawn on the generator's own device and moved to ``x``'s: a CPU generator drives a GPU
-    (or meta) sampler, and one seed gives the same noise on every device."""
+def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal like ``x``, drawn on the generator's own device and moved to ``x``'s: a CPU generator
+    drives a GPU (or meta) sampler, and one seed gives the same noise on every device. ``generator`` may be a
+    list with one generator per sample: each sample's noise then comes from its own generator, as diffusers'
+    ``randn_tensor`` does, so image ``i`` depends only on its own seed, whatever the batch."""
     if generator is None:
         return torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=x.dtype)
+                          for g in generator]).to(x.device)
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
@@ -125,7 +132,8 @@ def sample_student(model, noise: torch.Tensor, cond: Cond | None = None,
 
     ``timesteps`` defaults to the student's own. The first input is ``model.input_from_noise(noise)``
     when the model is a :class:`~models.roles.Student` (pure noise otherwise). Noise is drawn from
-    ``generator`` once per re-noise, in step order, as diffusers' ``LCMScheduler`` draws it.
+    ``generator`` once per re-noise, in step order, as diffusers' ``LCMScheduler`` draws it; a list of
+    generators (one per sample) draws each sample's noise from its own, as pipelines do with such a list.
     ``x_start`` replaces the first input (an already noisy sample at ``timesteps[0]``).
     """
     schedule = model.schedule

@@ -106,6 +106,14 @@ def _tokenize(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids.to(device)
 
 
+def _require_encoders(*encoders) -> None:
+    if any(e is None for e in encoders):
+        from distill.models.errors import ToolkitError
+
+        raise ToolkitError("the text encoders were not loaded (this run reads cached embeddings from "
+                           "`distill encode-prompts`): these prompts have no cached embedding")
+
+
 class SD15Conditioner:
     """Stable Diffusion 1.x/2.x text conditioning: last hidden state of one CLIP text encoder."""
 
@@ -114,13 +122,28 @@ class SD15Conditioner:
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        _require_encoders(self.text_encoder)
         device = self.text_encoder.device
         return self.text_encoder(_tokenize(self.tokenizer, prompts, device))[0]
 
+    #: what ``embed`` returns per prompt (and ``distill encode-prompts`` caches)
+    fields = ("prompt_embeds",)
+
+    def embed(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per-prompt text embeddings ``{"prompt_embeds": [B, 77, d]}`` (everything the UNet needs)."""
+        return {"prompt_embeds": self.encode_text(list(prompts))}
+
+    def from_embeddings(self, fields: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None) -> Cond:
+        """A Cond from cached embeddings; ``uncond``: the embedding of the negative prompt (batch 1)."""
+        cond = fields["prompt_embeds"]
+        if uncond is None:
+            raise ValueError("SD1.x conditioning needs the embedding of the empty prompt for its unconditional branch")
+        uncond_emb = uncond["prompt_embeds"].to(cond.device, cond.dtype).expand(cond.shape[0], -1, -1)
+        return Cond({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond_emb.contiguous()})
+
     def __call__(self, prompts: Sequence[str], negative_prompt: str = "") -> Cond:
         emb = self.encode_text(list(prompts) + [negative_prompt])
-        cond, uncond = emb[:-1], emb[-1:].expand(len(prompts), -1, -1)
-        return Cond({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond.contiguous()})
+        return self.from_embeddings({"prompt_embeds": emb[:-1]}, {"prompt_embeds": emb[-1:]})
 
 
 class SDXLConditioner:
@@ -143,6 +166,7 @@ class SDXLConditioner:
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (prompt_embeds [B, 77, d1 + d2], pooled [B, d2]) as the SDXL pipeline computes them."""
+        _require_encoders(*self.text_encoders)
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             out = encoder(_tokenize(tokenizer, prompts, encoder.device), output_hidden_states=True)
@@ -154,6 +178,27 @@ class SDXLConditioner:
         h, w = self.resolution
         return torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=dtype).repeat(batch, 1)
 
+    #: what ``embed`` returns per prompt (and ``distill encode-prompts`` caches); add_time_ids come from the resolution
+    fields = ("prompt_embeds", "pooled_prompt_embeds")
+
+    def embed(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per-prompt text embeddings: ``prompt_embeds`` [B, 77, d1 + d2], ``pooled_prompt_embeds`` [B, d2]."""
+        emb, pooled = self.encode_text(list(prompts))
+        return {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
+
+    def from_embeddings(self, fields: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None) -> Cond:
+        """A Cond from cached embeddings. ``uncond``: the embedding of ``""`` (batch 1), used when
+        ``self.uncond == "empty"``; with ``"zeros"`` the unconditional branch is all zeros."""
+        emb, pooled = fields["prompt_embeds"], fields["pooled_prompt_embeds"]
+        if self.uncond == "empty":
+            if uncond is None:
+                raise ValueError("uncond='empty' needs the embedding of the empty prompt")
+            emb_u = uncond["prompt_embeds"].to(emb.device, emb.dtype).expand(emb.shape[0], -1, -1)
+            pooled_u = uncond["pooled_prompt_embeds"].to(pooled.device, pooled.dtype).expand(pooled.shape[0], -1)
+        else:
+            emb_u, pooled_u = torch.zeros_like(emb), torch.zeros_like(pooled)
+        return self._cond(emb, pooled, emb_u, pooled_u)
+
     def __call__(self, prompts: Sequence[str]) -> Cond:
         prompts = list(prompts)
         if self.uncond == "empty":
@@ -163,7 +208,10 @@ class SDXLConditioner:
         else:
             emb, pooled = self.encode_text(prompts)
             emb_u, pooled_u = torch.zeros_like(emb), torch.zeros_like(pooled)
-        ids = self.time_ids(len(prompts), emb.device, emb.dtype)
+        return self._cond(emb, pooled, emb_u, pooled_u)
+
+    def _cond(self, emb, pooled, emb_u, pooled_u) -> Cond:
+        ids = self.time_ids(emb.shape[0], emb.device, emb.dtype)
         cond = {"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
         uncond = {"encoder_hidden_states": emb_u.contiguous(),
                   "added_cond_kwargs": {"text_embeds": pooled_u.contiguous(), "time_ids": ids}}

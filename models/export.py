@@ -8,8 +8,9 @@
 * :func:`export_lora` -- ``pytorch_lora_weights.safetensors`` from peft's ``get_peft_model_state_dict``,
   written by the pipeline class's ``save_lora_weights`` with the adapter config as metadata, so
   ``pipe.load_lora_weights(out_dir)`` applies it with the right rank and alpha.
-* :func:`export_student` -- what ``distill export RUN`` writes: a pipeline folder (full student, LCMScheduler at
-  the student's timesteps) or LoRA weights (LoRA student), each with ``distill_student.json``.
+* :func:`export_student` -- what ``distill export RUN [--format pipeline|unet|lora]`` writes: a pipeline folder,
+  a UNet folder or LoRA weights, each with an ``LCMScheduler`` at the student's timesteps and boundary scalings,
+  ``distill_student.json`` and a ``README.md`` whose code is the exact call (``models/cards.py``).
 
 Every function accepts a bare UNet or anything wrapping one (:class:`~models.roles.Student`,
 :class:`~models.denoiser.Denoiser`, a DDP or ``torch.compile`` wrapper).
@@ -28,7 +29,7 @@ from torch import nn
 from distill.models.errors import ToolkitError
 
 #: the file next to an exported pipeline that says how to sample the student
-STUDENT_CARD = "distill_student.json"
+from distill.models.cards import STUDENT_CARD  # noqa: E402  (one definition, in the card module)
 
 
 def unwrap_unet(model: Any) -> nn.Module:
@@ -167,6 +168,9 @@ def export_pipeline(pipeline_dir: str | os.PathLike, unet: Any, out_dir: str | o
         raise ToolkitError(f"export_pipeline would overwrite the teacher pipeline in {src}; choose another out_dir")
     if scheduler not in (None, "lcm"):
         raise ToolkitError(f"unknown scheduler {scheduler!r} for export: use None (keep the teacher's) or 'lcm'")
+    if scheduler == "lcm" and timesteps is not None and guidance_scale is None:
+        # the card's call would otherwise rely on the pipeline's default CFG (5.0 for SDXL) for a distilled student
+        raise ToolkitError("export_pipeline with an LCM scheduler needs guidance_scale (0 for DMD2-type students)")
     unet_module = unwrap_unet(unet)
     _require_diffusers_model(unet_module)
     os.makedirs(out_dir, exist_ok=True)
@@ -252,21 +256,42 @@ def export_lora(model: Any, out_dir: str | os.PathLike, pipeline: str | None = N
     return out_dir
 
 
-def export_student(models: Any, config: Any, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> str:
-    """Export a trained student of a run (``distill export``): a pipeline folder, or LoRA weights for a LoRA student.
+def _write_lcm_scheduler(out_dir: str, config: dict) -> None:
+    """``out_dir/scheduler/scheduler_config.json`` naming ``LCMScheduler`` with ``config``."""
+    import diffusers
 
-    * Full student: the teacher's pipeline with the student's UNet and an ``LCMScheduler`` at the student's
-      timesteps (:func:`export_pipeline`). LCM is used for one-step students too: it predicts x0 at ``t*``
-      (the teacher's own scheduler with one ``leading`` step would start at timestep 1, not at ``t*``), and
+    folder = os.path.join(out_dir, "scheduler")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "scheduler_config.json"), "w") as f:
+        json.dump({"_class_name": "LCMScheduler", "_diffusers_version": diffusers.__version__,
+                   **{k: v for k, v in config.items() if not k.startswith("_")}}, f, indent=2)
+
+
+def export_student(models: Any, config: Any, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                   fmt: str | None = None) -> str:
+    """Export a trained student of a run (``distill export``) with a card that reproduces it (``models/cards.py``).
+
+    Formats (``fmt``; default ``lora`` for a LoRA student, else ``pipeline``):
+
+    * ``pipeline`` -- the teacher's pipeline folder with the student's UNet (a LoRA fused in) and an
+      ``LCMScheduler`` at the student's timesteps. LCM is used for one-step students too: it predicts x0 at
+      ``t*`` (the teacher's own scheduler with one ``leading`` step would start at timestep 1, not at ``t*``), and
       for several steps it re-noises with fresh noise exactly as the student was trained (METHODS.md Sec. 1).
-    * LoRA student: ``pytorch_lora_weights.safetensors`` (:func:`export_lora`) for ``load_lora_weights`` on the
-      teacher's pipeline, plus ``distill_student.json`` with the timesteps and an LCMScheduler config to use.
+    * ``unet`` -- ``unet/`` (fused) and ``scheduler/``; the other components come from the teacher.
+    * ``lora`` -- ``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` on the teacher's pipeline, and
+      ``scheduler/`` (LoRA students only).
+
+    Every format gets ``distill_student.json`` and ``README.md`` whose code sample is the exact call,
+    ``guidance_scale`` included. The scheduler carries the student's boundary scalings.
 
     Args:
         models: :class:`distill.build.Models` of a diffusers teacher (``models.pipeline`` set), student loaded.
         config: the run's :class:`distill.config.Config`.
         dtype: cast the exported weights (e.g. ``torch.float16``).
     """
+    from distill.models import cards
+    from distill.models.loading import load_scheduler_config
     from distill.models.roles import has_lora
 
     pipeline = getattr(models, "pipeline", None)
@@ -276,40 +301,39 @@ def export_student(models: Any, config: Any, out_dir: str | os.PathLike, dtype: 
     student = models.student
     unet = unwrap_unet(student)
     _require_diffusers_model(unet)
+    lora = has_lora(unet)
+    fmt = fmt or ("lora" if lora else "pipeline")
+    if fmt not in cards.FORMATS:
+        raise ToolkitError(f"unknown export format {fmt!r}; expected one of {', '.join(cards.FORMATS)}")
+    if fmt == "lora" and not lora:
+        raise ToolkitError("--format lora needs a LoRA student (student.lora in the recipe); this student is a full "
+                           "UNet: use --format pipeline or unet")
     timesteps = [int(t) for t in student.timesteps.tolist()]
-    teacher = config.teacher.path or pipeline.path
-    note = None
+    method = config.method["name"]
+    scheduler_config, exact = cards.lcm_config_for(load_scheduler_config(pipeline.path), timesteps,
+                                                   cards.student_timestep_scaling(student))
+    latents_scale = None
     if getattr(student, "noise_scale", "unit") != "unit":
-        note = ("the student was trained on sigma(t*)-scaled noise; pipelines feed unit noise, so scale the "
-                "initial latents by sigma(t*) (pass latents=) to reproduce `distill sample`")
-    out_dir = os.fspath(out_dir)
-    if has_lora(unet):
+        latents_scale = float(student.input_from_noise(torch.ones(1, dtype=torch.float64)).item())
+    latent_shape = tuple(models.sample_shape)
+    factor = pipeline.vae_scale_factor
+    conditioner_size = getattr(pipeline.conditioner, "resolution", None)
+    card = cards.build_card(kind=pipeline.kind, fmt=fmt, method=method, timesteps=timesteps,
+                            guidance_scale=cards.student_guidance_scale(method, unet, student),
+                            scheduler_config=scheduler_config, exact=exact, height=latent_shape[-2] * factor,
+                            width=latent_shape[-1] * factor, latent_shape=latent_shape,
+                            teacher=config.teacher.path or pipeline.path, micro_size=conditioner_size,
+                            latents_scale=latents_scale, lora=lora)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if fmt == "pipeline":
+        export_pipeline(pipeline.path, unet, out_dir, scheduler="lcm", timesteps=timesteps,
+                        guidance_scale=card["guidance_scale"], dtype=dtype)
+    elif fmt == "unet":
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.rmtree(os.path.join(out_dir, "unet"), ignore_errors=True)
+        export_unet(unet, os.path.join(out_dir, "unet"), dtype=dtype)
+    else:
         export_lora(unet, out_dir, pipeline=pipeline.kind, dtype=dtype)
-        from distill.models.loading import load_scheduler_config
-
-        scheduler, exact = lcm_scheduler_config(load_scheduler_config(pipeline.path), timesteps)
-        call = f"num_inference_steps={len(timesteps)}" if exact else f"timesteps={timesteps}"
-        card = {"timesteps": timesteps, "guidance_scale": None, "teacher": os.fspath(teacher), "lora": True,
-                "scheduler": "LCMScheduler", "scheduler_config": {k: v for k, v in scheduler.items()
-                                                                   if not k.startswith("_")},
-                "call": call, "usage": "pipe = <Pipeline>.from_pretrained(teacher); pipe.load_lora_weights(out_dir); "
-                                       "pipe.scheduler = LCMScheduler.from_config(scheduler_config)"}
-        if note:
-            card["note"] = note
-        with open(os.path.join(out_dir, STUDENT_CARD), "w") as f:
-            json.dump(card, f, indent=2)
-        return out_dir
-    guidance = None
-    if getattr(unet.config, "time_cond_proj_dim", None) and hasattr(student.denoiser, "guidance_w"):
-        # a w-conditioned (LCM) student: pipelines pass the embedding of guidance_scale - 1 as timestep_cond
-        guidance = float(student.denoiser.guidance_w) + 1.0
-    export_pipeline(pipeline.path, unet, out_dir, scheduler="lcm", timesteps=timesteps, guidance_scale=guidance,
-                    dtype=dtype)
-    if note:
-        card_path = os.path.join(out_dir, STUDENT_CARD)
-        with open(card_path) as f:
-            card = json.load(f)
-        card["note"] = note
-        with open(card_path, "w") as f:
-            json.dump(card, f, indent=2)
+    _write_lcm_scheduler(out_dir, scheduler_config)
+    cards.write_card(card, out_dir)
     return out_dir

@@ -226,7 +226,8 @@ def load_pipeline_components(path_or_repo: str | os.PathLike, kind: str = "auto"
                              device: str | torch.device = "cpu", *, vae_dtype: torch.dtype = torch.float32,
                              load_vae: bool = True, variant: str | None = None, revision: str | None = None,
                              cache_dir: str | None = None, uncond: str = "zeros",
-                             resolution: int | tuple[int, int] | None = None) -> PipelineComponents:
+                             resolution: int | tuple[int, int] | None = None,
+                             load_text_encoders: bool = True) -> PipelineComponents:
     """Load the UNet, VAE, text encoders and scheduler config of an SDXL or SD1.x pipeline.
 
     Args:
@@ -236,6 +237,8 @@ def load_pipeline_components(path_or_repo: str | os.PathLike, kind: str = "auto"
         uncond: SDXL's unconditional branch, ``"zeros"`` (DMD2, the pipeline's default) or ``"empty"``.
         resolution: SDXL ``add_time_ids`` size in pixels; default ``unet.sample_size * vae_scale_factor``
             (what the pipeline uses when called without height/width).
+        load_text_encoders: False skips the tokenizers and text encoders (a run that reads cached embeddings
+            from ``distill encode-prompts``); the conditioner then only builds conditioning from embeddings.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -254,6 +257,8 @@ def load_pipeline_components(path_or_repo: str | os.PathLike, kind: str = "auto"
     _require_model(folder, "unet", _DIFFUSERS_WEIGHTS, variant)
     if load_vae:
         _require_model(folder, "vae", _DIFFUSERS_WEIGHTS, variant)
+    if not load_text_encoders:
+        encoders, tokenizer_dirs = (), ()
     for sub in encoders:
         _require_model(folder, sub, _TRANSFORMERS_WEIGHTS, variant)
     for sub in tokenizer_dirs:
@@ -274,15 +279,16 @@ def load_pipeline_components(path_or_repo: str | os.PathLike, kind: str = "auto"
         encoder.to(device).eval().requires_grad_(False)
 
     denoiser = denoiser_from_unet(unet, scheduler_config)
+    # without text encoders the conditioner gets None for each and builds Conds from cached embeddings only
+    toks, encs = (tokenizers, text_encoders) if load_text_encoders else ((None,) * (1 + sdxl),) * 2
     if sdxl:
         if resolution is None:
             scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
             resolution = int(unet.config.sample_size) * scale
         size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        conditioner = SDXLConditioner(tokenizers[0], tokenizers[1], text_encoders[0], text_encoders[1],
-                                      resolution=size, uncond=uncond)
+        conditioner = SDXLConditioner(toks[0], toks[1], encs[0], encs[1], resolution=size, uncond=uncond)
     else:
-        conditioner = SD15Conditioner(tokenizers[0], text_encoders[0])
+        conditioner = SD15Conditioner(toks[0], encs[0])
     return PipelineComponents(kind=kind, path=folder, unet=unet, vae=vae, scheduler_config=dict(scheduler_config),
                               denoiser=denoiser, conditioner=conditioner, tokenizers=tokenizers,
                               text_encoders=text_encoders)

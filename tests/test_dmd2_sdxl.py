@@ -124,8 +124,10 @@ def test_sample_writes_decoded_pngs(runs, tmp_path, torch_single_thread):
     resumed, _ = runs
     out = tmp_path / "samples"
     assert cli_main(["sample", str(resumed), "--prompt", "a photo of a cat", "--n", "2", "--out", str(out)]) == 0
-    files = sorted(out.glob("*.png"))
+    files = sorted((out / "images").glob("*.png"))
     assert [f.name for f in files] == ["00000.png", "00001.png"]
+    assert (out / "prompts.txt").read_text().splitlines() == ["a photo of a cat"] * 2
+    assert Image.open(out / "grid.png").size[0] > 32
     images = [torch.tensor(list(Image.open(f).convert("RGB").getdata()), dtype=torch.float32) for f in files]
     assert Image.open(files[0]).size == (32, 32)  # 8x8 latents through the tiny VAE (scale factor 4)
     assert all(img.std() > 0 for img in images) and not torch.equal(images[0], images[1])
