@@ -167,7 +167,7 @@ def build_models(config: Config, need_fake_score: bool = True, device=None, text
     every device) and then moved; diffusers weights are loaded straight onto the device.
     """
     torch.manual_seed(config.train.seed)
-    models = _build_models(config, need_fake_score, device)
+    models = _build_models(config, need_fake_score, device, text_encoders)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(models)
     if device is not None:
@@ -201,7 +201,7 @@ def place_models(models: Models, device) -> Models:
     return models
 
 
-def _build_models(config: Config, need_fake_score: bool, device) -> Models:
+def _build_models(config: Config, need_fake_score: bool, device, text_encoders: bool = True) -> Models:
     tcfg = config.teacher
     if tcfg.kind == "gmm":
         from distill.models.analytic import build_mixture, mixture_conditioner, mixture_denoiser

@@ -116,7 +116,9 @@ def test_recipe_trains_resumes_exports_and_its_card_reproduces_the_run(name, dat
     from PIL import Image
 
     assert Image.open(run / "samples" / "step_00000003.png").size == (2 * 32 + 3 * 2,) * 2
-    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r.get("phase") == "warm_start"] == [1, 2]  # the warm start logs too
+    logs = [r for r in lines if "phase" not in r]
     assert [r["step"] for r in logs] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(v)) for r in logs for k, v in r.items() if k != "time")
 
@@ -169,7 +171,9 @@ def test_sdxl_dmd2_4step_runs_with_two_cpu_processes(data, tiny_sdxl_dir, tmp_pa
     weights, _, state = ckpt.load_checkpoint(ckpt.list_checkpoints(run / "checkpoints")[-1])
     assert state["world_size"] == 2 and state["step"] == 3
     assert set(weights) == {"student", "fake_score", "discriminator"}
-    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r.get("phase") == "warm_start"] == [1, 2]  # the warm start logs too
+    logs = [r for r in lines if "phase" not in r]
     assert [r["step"] for r in logs] == [1, 2, 3] and "loss_d_gan" in logs[-1]
     assert all(torch.isfinite(torch.tensor(v)) for r in logs for k, v in r.items() if k != "time")
 
