@@ -11,7 +11,7 @@ import json
 import sys
 import warnings
 
-from distill.metrics._util import default_workers
+from distill.metrics._util import check_int, default_workers
 from distill.metrics.clip_score import CONVENTIONS, DEFAULT_MODEL, DEFAULT_PRETRAINED, clip_score
 from distill.metrics.fid import compute_stats, fid
 from distill.metrics.inception import INCEPTION_ENV, INCEPTION_FILENAME
@@ -78,6 +78,7 @@ def _add_run_options(parser: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def run_fid(args: argparse.Namespace) -> int:
+    check_options(args)
     with _one_line_warnings():
         value = fid(args.a, args.b, **_fid_kwargs(args))
     _report(args, {"fid": value, "a": args.a, "b": args.b}, f"FID: {value:.6f}")
@@ -85,6 +86,7 @@ def run_fid(args: argparse.Namespace) -> int:
 
 
 def run_fid_stats(args: argparse.Namespace) -> int:
+    check_options(args)
     with _one_line_warnings():
         stats = compute_stats(args.folder, **_fid_kwargs(args))
     path = stats.save(args.out)
@@ -93,6 +95,7 @@ def run_fid_stats(args: argparse.Namespace) -> int:
 
 
 def run_clip(args: argparse.Namespace) -> int:
+    check_options(args)
     with _one_line_warnings():
         value = clip_score(
             args.images,
@@ -110,6 +113,12 @@ def run_clip(args: argparse.Namespace) -> int:
     result = {"clip_score": value, "convention": args.convention, "model": args.model, "pretrained": args.pretrained}
     _report(args, result, f"CLIP score ({args.convention}, {args.model} {args.pretrained}): {value:.6f}")
     return 0
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Numeric options, named as on the command line, checked before any input is read or network loaded."""
+    check_int(args.batch_size, "--batch-size", 1)
+    check_int(args.workers, "--workers", 0, optional=True)
 
 
 def _fid_kwargs(args: argparse.Namespace) -> dict:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.metrics._util import default_workers, resolve_device
+from distill.metrics._util import check_int, default_workers, resolve_device
 from distill.metrics.inception import CLEAN_TRANSFORM, INCEPTION_DIM, inception_input, load_inception
 from distill.metrics.sources import FolderSource, ImageSource, Source, ValueRange, open_source
 from distill.metrics.stats import RunningStats, Stats, frechet_distance
@@ -73,6 +73,7 @@ def fid(
     Under an initialised ``torch.distributed`` group each process reads its share and all get the
     same result.
     """
+    check_run_options(batch_size, num_workers, num_samples)
     sources = [open_source(x, num_samples=num_samples, value_range=value_range, truncate=truncate) for x in (a, b)]
     needs_features = any(not isinstance(s, Stats) for s in sources)
     _check_dims(sources, *(_expected_dim(extractor) if needs_features else (None, "")))
@@ -103,12 +104,20 @@ def compute_stats(
 
     Save reference statistics with ``compute_stats(folder).save("ref.npz")``.
     """
+    check_run_options(batch_size, num_workers, num_samples)
     src = open_source(source, num_samples=num_samples, value_range=value_range, truncate=truncate)
     if isinstance(src, Stats):
         _check_dims([src], *_expected_dim(extractor))
         return src
     feature = prepare_extractor(extractor, inception_path, device)
     return _stats_of(src, feature, batch_size, num_workers, truncate, progress)
+
+
+def check_run_options(batch_size, num_workers, num_samples=None) -> None:
+    """The throughput knobs every metric takes, checked before anything is opened or loaded."""
+    check_int(batch_size, "batch_size", 1)
+    check_int(num_workers, "num_workers", 0, optional=True)
+    check_int(num_samples, "num_samples", 1, optional=True)
 
 
 def feature_batches(source: ImageSource, feature: _Extractor, batch_size: int, num_workers: int | None,
