@@ -18,6 +18,9 @@ from distill.metrics.inception import INCEPTION_ENV, INCEPTION_FILENAME
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from distill.metrics import eval_cli
+
+    eval_cli.register(subparsers)  # distill eval
     fid_parser = subparsers.add_parser(
         "fid",
         help="FID between two image folders or .npz statistics (clean-fid 'clean' protocol)",

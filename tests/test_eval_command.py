@@ -1,0 +1,181 @@
+"""``distill eval`` on an exported tiny SDXL student: every requested metric in metrics.json, the reference
+cache, bad inputs before any network, and (slow) 2 processes giving the values of 1.
+
+Stand-ins: a random TorchScript "Inception" (2048-d), a random tiny Dinov2Model and a random tiny
+OpenCLIP model in a ``local-dir:`` folder, all built here, offline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from distill import metrics
+from distill.cli import main as cli_main
+from distill.metrics.dinov2 import build_tiny_dinov2
+from distill.metrics.inception import INCEPTION_FILENAME
+from tests.test_clip_score import TINY_CLIP
+from tests.test_metrics_cli import _FakeInception, assert_one_line_error
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a photo of a cat", "a red car", "a bowl of fruit"]
+ALL = "fid,clip,fd_dinov2,pr,kid,diversity"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_sdxl_dir, tmp_path_factory):
+    """An exported 2-step DMD2 student (trained 2 steps), prompts, a reference folder and stand-in weights."""
+    d = tmp_path_factory.mktemp("eval")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    recipe = {
+        "teacher": {"kind": "sdxl", "path": tiny_sdxl_dir, "uncond": "zeros"},
+        "student": {"timesteps": [999, 499]},
+        "method": {"name": "dmd2", "guidance_scale": 8.0, "gan_generator_weight": 0.0},
+        "data": {"kind": "prompts", "batch_size": 2, "prompts": str(d / "prompts.txt")},
+        "train": {"steps": 2, "log_every": 1}, "generator_optim": {"lr": 1e-4}, "critic_optim": {"lr": 1e-4},
+    }
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli_main(["train", str(d / "recipe.yaml"), "--out", str(d / "run"), "--no-progress"]) == 0
+    assert cli_main(["export", str(d / "run"), "--out", str(d / "student")]) == 0
+    ref = d / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(ref / f"{i:03d}.png")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(_FakeInception()).save(str(d / INCEPTION_FILENAME))
+    build_tiny_dinov2(d / "dinov2", seed=0)
+    import open_clip
+
+    torch.manual_seed(0)
+    (d / "clip").mkdir()
+    (d / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    torch.save(open_clip.CLIP(**TINY_CLIP).state_dict(), d / "clip" / "open_clip_pytorch_model.bin")
+    return d
+
+
+def eval_args(d: Path, out: Path, *extra: str, model: str = "student") -> list[str]:
+    return [str(d / model), "--prompts", str(d / "prompts.txt"), "--ref", str(d / "ref"), "--n", "8",
+            "--batch-size", "2", "--metrics", ALL, "--inception", str(d / INCEPTION_FILENAME),
+            "--dinov2", str(d / "dinov2"), "--clip-model", f"local-dir:{d / 'clip'}", "--cache", str(d / "cache"),
+            "--out", str(out), "--device", "cpu", "--no-progress", "--workers", "0", *extra]
+
+
+def test_eval_writes_every_metric_and_caches_the_reference(setup, tmp_path, capsys):
+    assert cli_main(["eval", *eval_args(setup, tmp_path / "one")]) == 0
+    first = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    values = first["metrics"]
+    assert set(values) == {"fid", "clip", "fd_dinov2", "precision", "recall", "kid", "diversity"}
+    assert all(np.isfinite(v) for v in values.values())
+    assert values["fid"] > 0 and values["fd_dinov2"] > 0 and 0 <= values["precision"] <= 1 and values["diversity"] > 0
+    protocol = first["protocol"]
+    assert protocol["n"] == 8 and protocol["model"]["kind"] == "pipeline" and protocol["model"]["timesteps"] == [999, 499]
+    assert protocol["prompts"]["count"] == 3 and len(protocol["prompts"]["sha256"]) == 64
+    assert set(protocol["extractors"]) == {"inception", "dinov2"}
+    assert all(len(e["weights_sha256"]) == 64 for e in protocol["extractors"].values())
+    assert not any(r["from_cache"] for r in protocol["reference"].values())
+    grid = Image.open(tmp_path / "one" / "grid.png")
+    assert grid.size[0] > 32 and not (tmp_path / "one" / "images").exists()  # no PNGs unless asked
+    # a second run: the reference pass is skipped, the values are the same
+    assert cli_main(["eval", *eval_args(setup, tmp_path / "two"), "--save-images"]) == 0
+    second = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert all(r["from_cache"] for r in second["protocol"]["reference"].values())
+    for key, value in values.items():
+        assert second["metrics"][key] == pytest.approx(value, abs=1e-9), key
+    assert len(list((tmp_path / "two" / "images").glob("*.png"))) == 8
+    # the run folder gives the same images as its export: same metrics
+    args = eval_args(setup, tmp_path / "run", model="run")
+    args[args.index("--metrics") + 1] = "fid,diversity"
+    assert cli_main(["eval", *args]) == 0
+    from_run = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert from_run["protocol"]["model"]["kind"] == "run"
+    assert np.isfinite(from_run["metrics"]["fid"])
+
+
+def test_eval_against_statistics_files(setup, tmp_path):
+    """Reference .npz files are matched to extractors by weights hash (FID, FD-DINOv2)."""
+    from distill.metrics.dinov2 import load_dinov2
+    from distill.metrics.inception import load_inception
+
+    inception = metrics.compute_stats(setup / "ref", inception_path=setup / INCEPTION_FILENAME, device="cpu",
+                                      num_workers=0, progress=False).save(tmp_path / "inception.npz")
+    dinov2 = metrics.compute_stats(setup / "ref", extractor=load_dinov2(setup / "dinov2"), device="cpu",
+                                   num_workers=0, progress=False).save(tmp_path / "dinov2.npz")
+    args = eval_args(setup, tmp_path / "npz")
+    args[args.index("--ref") + 1] = str(tmp_path / "dinov2.npz")
+    args[args.index("--ref") + 1:args.index("--ref") + 2] = [str(tmp_path / "dinov2.npz"), str(tmp_path / "inception.npz")]
+    args[args.index("--metrics") + 1] = "fid,fd_dinov2"
+    assert cli_main(["eval", *args]) == 0
+    from_stats = json.loads((tmp_path / "npz" / "metrics.json").read_text())["metrics"]
+    folder_args = eval_args(setup, tmp_path / "folder")
+    folder_args[folder_args.index("--metrics") + 1] = "fid,fd_dinov2"
+    assert cli_main(["eval", *folder_args]) == 0
+    from_folder = json.loads((tmp_path / "folder" / "metrics.json").read_text())["metrics"]
+    assert from_stats == pytest.approx(from_folder, abs=1e-8)
+    assert load_inception(setup / INCEPTION_FILENAME).weights_hash  # the file the statistics name
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"--n": "1"}, "--n must be an integer >= 2"),
+    ({"--batch-size": "0"}, "--batch-size must be an integer >= 1"),
+    ({"--steps": "0"}, "--steps must be an integer >= 1"),
+    ({"--workers": "-1"}, "--workers must be an integer >= 0"),
+    ({"--metrics": "fid,nonsense"}, "unknown metric 'nonsense'"),
+    ({"--prompts": "/no/such/prompts.txt"}, "prompts file not found"),
+    ({"--ref": "/no/such/ref"}, "path not found"),
+    ({"--pr-features": "vgg"}, "unknown extractor 'vgg'"),
+    ({"--pr-k": "0"}, "--pr-k must be an integer >= 1"),
+])
+def test_bad_eval_inputs_fail_before_any_network(setup, tmp_path, capsys, change, fragment, monkeypatch):
+    import importlib
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a network was loaded before the inputs were checked")
+
+    monkeypatch.setattr(importlib.import_module("distill.metrics.eval_models"), "open_model", fail)
+    args = eval_args(setup, tmp_path / "bad")
+    for key, value in change.items():
+        if key in args:
+            args[args.index(key) + 1] = value
+        else:
+            args += [key, value]
+    code = cli_main(["eval", *args])
+    assert_one_line_error(code, capsys.readouterr().err, fragment)
+
+
+def test_eval_pr_needs_reference_images(setup, tmp_path, capsys):
+    np.savez(tmp_path / "s.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    args = eval_args(setup, tmp_path / "bad")
+    args[args.index("--ref") + 1] = str(tmp_path / "s.npz")
+    assert_one_line_error(cli_main(["eval", *args]), capsys.readouterr().err, "pr needs the reference images")
+    args = eval_args(setup, tmp_path / "bad", model="nowhere")
+    assert_one_line_error(cli_main(["eval", *args]), capsys.readouterr().err, "model not found")
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_values_of_one(setup, tmp_path):
+    one = tmp_path / "one"
+    assert cli_main(["eval", *eval_args(setup, one, "--cache", "none")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "distill.cli", "eval", *eval_args(setup, tmp_path / "two", "--cache", "none")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = json.loads((one / "metrics.json").read_text())
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert b["protocol"]["processes"] == 2 and a["protocol"]["processes"] == 1
+    assert set(a["metrics"]) == set(b["metrics"])
+    for key, value in a["metrics"].items():
+        assert b["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
