@@ -274,7 +274,9 @@ class Evaluator:
                 ref = self.references[name].stats
                 _warn_if_incomparable(stats, ref)
                 values[metric] = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
-        gathered = {name: _gathered(torch.cat(rows) if rows else torch.zeros(0, 0, dtype=torch.float64))
+        # features of all processes in image order, so that every value is the one a single process gets
+        order = _gathered(torch.tensor(indices_all, dtype=torch.int64)).argsort()
+        gathered = {name: _gathered(torch.cat(rows) if rows else torch.zeros(0, 0, dtype=torch.float64))[order]
                     for name, rows in kept.items()}
         if "pr" in self.metrics:
             values.update(precision_recall_features(gathered[self.pr_features],
@@ -285,10 +287,8 @@ class Evaluator:
             scores = _gathered(torch.cat(clip_scores) if clip_scores else torch.zeros(0, dtype=torch.float64))
             values["clip"] = float(scores.mean())
         if "diversity" in self.metrics:
-            order = _gathered(torch.tensor(indices_all, dtype=torch.int64))
             keys = _gathered_objects([groups(i) for i in indices_all] if groups else prompts_all)
-            features = gathered[self.diversity_features]
-            values["diversity"] = diversity(features[order.argsort()], [keys[i] for i in order.argsort().tolist()],
+            values["diversity"] = diversity(gathered[self.diversity_features], [keys[i] for i in order.tolist()],
                                             self.diversity_distance)
         return values
 

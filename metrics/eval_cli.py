@@ -72,7 +72,7 @@ def run_eval(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     for spec in args.extractor:
         load_extractor_spec(spec)
-    device = args.device or _launch_device()
+    device = _launch_device(args.device)
     with _one_line_warnings():
         evaluator = Evaluator(
             [m.strip() for m in args.metrics.split(",") if m.strip()], args.ref, inception=args.inception,
@@ -92,10 +92,11 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch_device() -> str:
-    """Join the torchrun / accelerate process group when launched that way; this process's device."""
+def _launch_device(device: str | None) -> str:
+    """Join the torchrun / accelerate process group when launched that way; ``device`` or this process's device."""
+    import torch
     from accelerate import PartialState
 
-    import torch
-
-    return str(PartialState(cpu=not torch.cuda.is_available()).device)
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    return device if device is not None and state.num_processes == 1 else str(state.device)

@@ -81,7 +81,12 @@ def folder_reference(source: FolderSource, feature: _Extractor, *, need_features
                 "feature_dim": int(running.total.shape[0])}
     stats = running.finalize(manifest)
     stats.origin = source.describe()
-    features = _gathered(torch.cat(rows)).double() if need_features else None
+    features = None
+    if need_features:  # rows in file order whatever the number of processes (KID draws subsets by row)
+        features = _gathered(torch.cat(rows)).double()
+        world = _rank()[1]
+        order = torch.tensor([i for r in range(world) for i in range(r, len(source), world)])
+        features = features[order.argsort()]
     if stats_path is not None and _rank()[0] == 0:
         stats_path.parent.mkdir(parents=True, exist_ok=True)
         if need_features:
