@@ -46,8 +46,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from distill.config import load_config, save_config
     from distill.engine import Trainer
     from distill.sample_grids import sample_grid_writer
+    from distill.train_eval import build_eval_fn
 
     config = load_config(args.config, args.overrides)
+    make_eval_fn = build_eval_fn(config)  # checks train.eval.* before any slow work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
@@ -58,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     models, method, data = build_run(config, device=device, warm_start=not resuming, progress=not args.no_progress)
     trainer = Trainer(method, data, config.train, config.generator_optim, config.critic_optim, out,
                       resume=None if args.resume == "none" else args.resume,
-                      sample_fn=sample_grid_writer(models, config), progress=not args.no_progress)
+                      sample_fn=sample_grid_writer(models, config), progress=not args.no_progress,
+                      eval_fn=make_eval_fn(models) if make_eval_fn else None)
     if trainer.resumed_from is not None:
         print(f"resuming from {trainer.resumed_from}")
     logs = trainer.run()

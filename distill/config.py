@@ -114,6 +114,28 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-training evaluation (``train.eval_every`` > 0): metrics of ``n`` in-memory samples against ``ref``.
+
+    ``ref``: reference statistics ``.npz`` (or an image folder); ``metrics``: ``fid`` and optionally ``clip``
+    (any of ``distill eval``'s); ``features``: the extractor behind ``fid`` (``inception``; ``identity`` for
+    toy vector data); ``prompts``: text-to-image prompts (default ``data.prompts``). The best checkpoint by
+    the first metric (lower is better) is kept in ``RUN/checkpoints/best/``. See distill/train_eval.py.
+    """
+
+    n: int = 1000
+    ref: str | None = None
+    metrics: list = field(default_factory=lambda: ["fid"])
+    features: str = "inception"
+    inception: str | None = None
+    prompts: str | None = None
+    batch_size: int = 64
+    seed: int = 0
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     seed: int = 0
@@ -126,6 +148,8 @@ class TrainConfig:
     sample_every: int = 0
     sample_count: int = 1024
     max_nan_steps: int = 10
+    eval_every: int = 0  # 0: no in-training evaluation
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass

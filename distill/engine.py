@@ -95,11 +95,15 @@ class Trainer:
         out_dir: run folder (checkpoints, logs, samples).
         resume: ``None``, ``"auto"`` (latest checkpoint in ``out_dir`` if any) or a checkpoint path.
         sample_fn: ``sample_fn(step, path_stem)`` writes a sample grid; called every ``sample_every`` steps.
+        eval_fn: ``eval_fn(step) -> {metric: value}`` (all processes; distill/train_eval.py); called every
+            ``eval_every`` steps with the EMA swapped in. Values go to log.jsonl as ``eval_<metric>``; the
+            checkpoint with the lowest first metric (FID) is kept in ``checkpoints/best/``.
     """
 
     def __init__(self, method: Method, data: BatchSource, config: TrainConfig, generator_optim: OptimConfig,
                  critic_optim: OptimConfig, out_dir: str | Path, resume: str | None = None,
-                 sample_fn: Callable[[int, Path], None] | None = None, accelerator=None, progress: bool = True):
+                 sample_fn: Callable[[int, Path], None] | None = None, accelerator=None, progress: bool = True,
+                 eval_fn: Callable[[int], dict] | None = None):
         from accelerate import Accelerator
 
         self.method, self.data, self.config = method, data, config
@@ -108,7 +112,7 @@ class Trainer:
                                                       cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        self.sample_fn, self.progress = sample_fn, progress
+        self.sample_fn, self.progress, self.eval_fn = sample_fn, progress, eval_fn
         global_batch = data.global_batch_size
         if global_batch % (self.world * config.grad_accum):
             raise ToolkitError(f"global batch {global_batch} must divide by processes x grad_accum "
@@ -147,8 +151,10 @@ class Trainer:
             weights["method_state"] = extra
         return weights
 
-    def save(self) -> Path | None:
+    def save(self, root: Path | None = None, keep: int | None = None) -> Path | None:
         """Write a checkpoint of the current step (main process); every process waits for it."""
+        root = self.checkpoint_root if root is None else root
+        keep = self.config.keep_checkpoints if keep is None else keep
         path = None
         if self.accelerator.is_main_process:
             training_state = {
@@ -158,8 +164,7 @@ class Trainer:
             }
             state = {"data_position": self.step * self.data.global_batch_size, "nan_total": self.nan_total,
                      "nan_streak": self.nan_streak, "world_size": self.world}
-            path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.state_weights(), training_state, state,
-                                        keep=self.config.keep_checkpoints)
+            path = ckpt.save_checkpoint(root, self.step, self.state_weights(), training_state, state, keep=keep)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -312,6 +317,8 @@ class Trainer:
                 if self.sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0 \
                         and self.accelerator.is_main_process:
                     self.write_samples()
+                if self.eval_fn and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate()
             self.save()
             if self.sample_fn and cfg.sample_every and self.accelerator.is_main_process:
                 self.write_samples()
@@ -323,6 +330,25 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
         return logs
+
+    def evaluate(self) -> dict:
+        """Run ``eval_fn`` (EMA swapped in), log ``eval_<metric>``, keep the best checkpoint by the first metric."""
+        if self.ema is not None:
+            with self.ema.swapped():
+                values = self.eval_fn(self.step)
+        else:
+            values = self.eval_fn(self.step)
+        self._log({f"eval_{k}": float(v) for k, v in values.items()})
+        if values:
+            key, value = next(iter(values.items()))  # fid first: lower is better
+            best_file = self.checkpoint_root / "best" / "best.json"
+            best = json.loads(best_file.read_text())["value"] if best_file.is_file() else math.inf
+            if math.isfinite(value) and value < best:
+                self.save(self.checkpoint_root / "best", keep=1)
+                if self.accelerator.is_main_process:
+                    best_file.write_text(json.dumps({"step": self.step, "metric": key, "value": value}) + "\n")
+                self.accelerator.wait_for_everyone()
+        return values
 
     def write_samples(self) -> None:
         (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)

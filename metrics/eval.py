@@ -105,10 +105,10 @@ def load_extractor_spec(spec: str) -> str:
     return name
 
 
-def metric_extractor(metric: str, pr_features: str, diversity_features: str) -> str | None:
+def metric_extractor(metric: str, pr_features: str, diversity_features: str, fid_features: str = "inception") -> str | None:
     """The extractor a metric needs (None for CLIP score)."""
     if metric == "fid":
-        return "inception"
+        return fid_features
     if metric.startswith("fd_"):
         return metric[3:]
     if metric in ("pr", "kid"):
@@ -127,6 +127,7 @@ class Evaluator:
             (Frechet metrics only, matched to extractors by weights hash, else by dimension).
         inception, dinov2: local weights (file or folder) of the built-in extractors.
         extractors: ``{name: extractor}`` objects to use instead of loading by name (tests, notebooks).
+        fid_features: the extractor behind ``fid`` (Inception; ``identity`` for toy vector data).
         pr_features, diversity_features: extractor for precision/recall and diversity (default inception).
         pr_k: neighbourhood size of precision/recall (Kynkaanniemi et al.: 3).
         clip_model: a :class:`metrics.clip_score.ClipModel`, else ``clip_name``/``clip_pretrained`` are loaded.
@@ -135,7 +136,7 @@ class Evaluator:
     """
 
     def __init__(self, metrics: Sequence[str], reference, *, inception=None, dinov2=None,
-                 extractors: dict | None = None, pr_features: str = "inception", diversity_features: str = "inception",
+                 extractors: dict | None = None, fid_features: str = "inception", pr_features: str = "inception", diversity_features: str = "inception",
                  diversity_distance: str = "cosine", pr_k: int = DEFAULT_K, clip_model=None, clip_name: str | None = None,
                  clip_pretrained: str | None = None, clip_convention: str = "cosine", clip_prefix: str = "",
                  batch_size: int = 64, num_workers: int | None = None, cache_dir: str | os.PathLike | None = "default",
@@ -147,7 +148,7 @@ class Evaluator:
             raise ToolkitError("no metrics asked for; choose from " + ", ".join(BASE_METRICS))
         self.given = dict(extractors or {})
         known = set(EXTRACTORS) | set(self.given)
-        for name in (pr_features, diversity_features):
+        for name in (pr_features, diversity_features, fid_features):
             if name not in known:
                 raise ToolkitError(f"unknown extractor {name!r}; known: {', '.join(sorted(known))}")
         for metric in self.metrics:
@@ -170,7 +171,7 @@ class Evaluator:
         self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
         self.options = {"inception": inception, "dinov2": dinov2, **(options or {})}
         self.device = resolve_device(device)
-        self.needed = {m: metric_extractor(m, pr_features, diversity_features) for m in self.metrics}
+        self.needed = {m: metric_extractor(m, pr_features, diversity_features, fid_features) for m in self.metrics}
         self.folder, self.stats_files = self._open_reference(reference)
         self.features: dict[str, _Extractor] = {}
         self.references: dict[str, Reference] = {}

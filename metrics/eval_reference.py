@@ -107,6 +107,8 @@ def match_stats_file(files: list[Stats], feature: _Extractor, metric: str) -> St
     for stats in files:
         if not stats.manifest.get("weights_sha256") and dim is not None and stats.dim == dim:
             return stats
+    if dim is None and len(files) == 1:  # an extractor of unknown size (identity): the one file given
+        return files[0]
     given = ", ".join(f"{s.origin} ({s.dim}-d)" for s in files)
     raise ToolkitError(f"no reference statistics for {metric} ({feature.name}, {dim}-d features) among {given}; "
                        f"pass a reference image folder or statistics made with this extractor")
