@@ -342,8 +342,11 @@ class Trainer:
         if values:
             key, value = next(iter(values.items()))  # fid first: lower is better
             best_file = self.checkpoint_root / "best" / "best.json"
-            best = json.loads(best_file.read_text())["value"] if best_file.is_file() else math.inf
-            if math.isfinite(value) and value < best:
+            if getattr(self, "_best_value", None) is None:  # read once (a resumed run continues its record), so
+                # every process decides alike and all enter save() together
+                self._best_value = json.loads(best_file.read_text())["value"] if best_file.is_file() else math.inf
+            if math.isfinite(value) and value < self._best_value:
+                self._best_value = value
                 self.save(self.checkpoint_root / "best", keep=1)
                 if self.accelerator.is_main_process:
                     best_file.write_text(json.dumps({"step": self.step, "metric": key, "value": value}) + "\n")

@@ -192,3 +192,37 @@ def test_two_processes_give_the_values_of_one(setup, tmp_path):
     assert set(a["metrics"]) == set(b["metrics"])
     for key, value in a["metrics"].items():
         assert b["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+
+
+class ColourMoments(torch.nn.Module):
+    """A plugged-in extractor: per-channel mean and spread of the uint8 images (6-d)."""
+
+    raw_input = True
+    feature_dim = 6
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().flatten(2) / 255
+        return torch.cat([x.mean(-1), x.std(-1)], dim=1)
+
+
+def colour_moments():
+    return ColourMoments()
+
+
+def test_plugged_in_extractor(setup, tmp_path):
+    args = eval_args(setup, tmp_path / "plug", "--extractor", "moments=tests.test_eval_command:colour_moments")
+    args[args.index("--metrics") + 1] = "fd_moments,diversity"
+    args += ["--diversity-features", "moments"]
+    assert cli_main(["eval", *args]) == 0
+    result = json.loads((tmp_path / "plug" / "metrics.json").read_text())
+    assert set(result["metrics"]) == {"fd_moments", "diversity"}
+    assert result["protocol"]["extractors"]["moments"]["feature_dim"] == 6
+    # the same value by hand: Frechet distance of the moments of the saved images and of the reference folder
+    ref = metrics.compute_stats(setup / "ref", extractor=ColourMoments(), device="cpu", num_workers=0, progress=False)
+    args = eval_args(setup, tmp_path / "plug2", "--save-images", "--cache", "none")
+    args[args.index("--metrics") + 1] = "fid"
+    assert cli_main(["eval", *args]) == 0
+    generated = metrics.compute_stats(tmp_path / "plug2" / "images", extractor=ColourMoments(), device="cpu",
+                                      num_workers=0, progress=False)
+    by_hand = metrics.frechet_distance(generated.mu, generated.sigma, ref.mu, ref.sigma)
+    assert result["metrics"]["fd_moments"] == pytest.approx(by_hand, rel=1e-6)
