@@ -81,9 +81,16 @@ def eval_args(d: Path, out: Path, *extra: str, model: str = "student") -> list[s
             "--out", str(out), "--device", "cpu", "--no-progress", "--workers", "0", *extra]
 
 
-def test_eval_writes_every_metric_and_caches_the_reference(setup, tmp_path, capsys):
-    assert cli_main(["eval", *eval_args(setup, tmp_path / "one")]) == 0
-    first = json.loads((tmp_path / "one" / "metrics.json").read_text())
+@pytest.fixture(scope="module")
+def full_eval(setup, tmp_path_factory):
+    """One evaluation with every metric (and --save-images): the folder and its metrics.json."""
+    out = tmp_path_factory.mktemp("full_eval") / "one"
+    assert cli_main(["eval", *eval_args(setup, out, "--save-images")]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_eval_writes_every_metric_and_caches_the_reference(setup, full_eval, tmp_path):
+    out, first = full_eval
     values = first["metrics"]
     assert set(values) == {"fid", "clip", "fd_dinov2", "precision", "recall", "kid", "diversity"}
     assert all(np.isfinite(v) for v in values.values())
@@ -95,15 +102,15 @@ def test_eval_writes_every_metric_and_caches_the_reference(setup, tmp_path, caps
     assert set(protocol["extractors"]) == {"inception", "dinov2"}
     assert all(len(e["weights_sha256"]) == 64 for e in protocol["extractors"].values())
     assert not any(r["from_cache"] for r in protocol["reference"].values())
-    grid = Image.open(tmp_path / "one" / "grid.png")
-    assert grid.size[0] > 32 and not (tmp_path / "one" / "images").exists()  # no PNGs unless asked
-    # a second run: the reference pass is skipped, the values are the same
-    assert cli_main(["eval", *eval_args(setup, tmp_path / "two"), "--save-images"]) == 0
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] > 32 and len(list((out / "images").glob("*.png"))) == 8
+    # a second run: the reference pass is skipped, the values are the same; no PNGs unless asked
+    assert cli_main(["eval", *eval_args(setup, tmp_path / "two")]) == 0
     second = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert all(r["from_cache"] for r in second["protocol"]["reference"].values())
     for key, value in values.items():
         assert second["metrics"][key] == pytest.approx(value, abs=1e-9), key
-    assert len(list((tmp_path / "two" / "images").glob("*.png"))) == 8
+    assert not (tmp_path / "two" / "images").exists()
     # the run folder gives the same images as its export: same metrics
     args = eval_args(setup, tmp_path / "run", model="run")
     args[args.index("--metrics") + 1] = "fid,diversity"
@@ -113,8 +120,8 @@ def test_eval_writes_every_metric_and_caches_the_reference(setup, tmp_path, caps
     assert np.isfinite(from_run["metrics"]["fid"])
 
 
-def test_eval_against_statistics_files(setup, tmp_path):
-    """Reference .npz files are matched to extractors by weights hash (FID, FD-DINOv2)."""
+def test_eval_against_statistics_files(setup, full_eval, tmp_path):
+    """Reference .npz files are matched to extractors by weights hash (FID, FD-DINOv2): same values as the folder."""
     from distill.metrics.dinov2 import load_dinov2
     from distill.metrics.inception import load_inception
 
@@ -123,16 +130,12 @@ def test_eval_against_statistics_files(setup, tmp_path):
     dinov2 = metrics.compute_stats(setup / "ref", extractor=load_dinov2(setup / "dinov2"), device="cpu",
                                    num_workers=0, progress=False).save(tmp_path / "dinov2.npz")
     args = eval_args(setup, tmp_path / "npz")
-    args[args.index("--ref") + 1] = str(tmp_path / "dinov2.npz")
-    args[args.index("--ref") + 1:args.index("--ref") + 2] = [str(tmp_path / "dinov2.npz"), str(tmp_path / "inception.npz")]
+    args[args.index("--ref") + 1:args.index("--ref") + 2] = [str(dinov2), str(inception)]
     args[args.index("--metrics") + 1] = "fid,fd_dinov2"
     assert cli_main(["eval", *args]) == 0
     from_stats = json.loads((tmp_path / "npz" / "metrics.json").read_text())["metrics"]
-    folder_args = eval_args(setup, tmp_path / "folder")
-    folder_args[folder_args.index("--metrics") + 1] = "fid,fd_dinov2"
-    assert cli_main(["eval", *folder_args]) == 0
-    from_folder = json.loads((tmp_path / "folder" / "metrics.json").read_text())["metrics"]
-    assert from_stats == pytest.approx(from_folder, abs=1e-8)
+    from_folder = full_eval[1]["metrics"]
+    assert from_stats == pytest.approx({k: from_folder[k] for k in ("fid", "fd_dinov2")}, abs=1e-8)
     assert load_inception(setup / INCEPTION_FILENAME).weights_hash  # the file the statistics name
 
 
@@ -209,7 +212,7 @@ def colour_moments():
     return ColourMoments()
 
 
-def test_plugged_in_extractor(setup, tmp_path):
+def test_plugged_in_extractor(setup, full_eval, tmp_path):
     args = eval_args(setup, tmp_path / "plug", "--extractor", "moments=tests.test_eval_command:colour_moments")
     args[args.index("--metrics") + 1] = "fd_moments,diversity"
     args += ["--diversity-features", "moments"]
@@ -217,12 +220,27 @@ def test_plugged_in_extractor(setup, tmp_path):
     result = json.loads((tmp_path / "plug" / "metrics.json").read_text())
     assert set(result["metrics"]) == {"fd_moments", "diversity"}
     assert result["protocol"]["extractors"]["moments"]["feature_dim"] == 6
-    # the same value by hand: Frechet distance of the moments of the saved images and of the reference folder
-    ref = metrics.compute_stats(setup / "ref", extractor=ColourMoments(), device="cpu", num_workers=0, progress=False)
-    args = eval_args(setup, tmp_path / "plug2", "--save-images", "--cache", "none")
-    args[args.index("--metrics") + 1] = "fid"
-    assert cli_main(["eval", *args]) == 0
-    generated = metrics.compute_stats(tmp_path / "plug2" / "images", extractor=ColourMoments(), device="cpu",
-                                      num_workers=0, progress=False)
+    # the same value by hand: Frechet distance of the moments of the same images (saved by --save-images)
+    # and of the reference folder
+    kw = dict(extractor=ColourMoments(), device="cpu", num_workers=0, progress=False)
+    ref = metrics.compute_stats(setup / "ref", **kw)
+    generated = metrics.compute_stats(full_eval[0] / "images", **kw)
     by_hand = metrics.frechet_distance(generated.mu, generated.sigma, ref.mu, ref.sigma)
     assert result["metrics"]["fd_moments"] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_nan_latents_in_distill_sample_are_one_line(setup, tmp_path, capsys, monkeypatch):
+    import distill.samplers
+
+    def nan_student(model, noise, *args, **kwargs):
+        x = torch.zeros_like(noise)
+        x[0, 0, 0, 0] = float("nan")
+        return x
+
+    monkeypatch.setattr(distill.samplers, "sample_student", nan_student)
+    code = cli_main(["sample", str(setup / "run"), "--prompt", "a cat", "--n", "3", "--out", str(tmp_path / "png")])
+    err = capsys.readouterr().err  # transformers' weight-loading bars come first: only the error line is ours
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert "1 of 3 latents contain NaN or inf" in errors[0]
+    assert not list(tmp_path.glob("png/*.png"))
