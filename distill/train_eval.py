@@ -44,6 +44,9 @@ def build_eval_fn(config: Config) -> Callable[[object], EvalFn] | None:
     image_student = config.teacher.kind != "gmm"
     if image_student:
         prompts = read_prompts(cfg.prompts or config.data.prompts or "")
+        if "diversity" in cfg.metrics and cfg.n <= len(prompts):
+            raise ToolkitError(f"train.eval.metrics: diversity needs train.eval.n ({cfg.n}) above the number of "
+                               f"prompts ({len(prompts)}): several seeds per prompt")
     elif "clip" in cfg.metrics:
         raise ToolkitError("train.eval.metrics: clip needs a text-to-image student")
     evaluator = Evaluator(list(cfg.metrics), cfg.ref, inception=cfg.inception, fid_features=cfg.features,

@@ -12,6 +12,7 @@ from distill.metrics._util import check_int
 from distill.metrics.clip_score import CONVENTIONS, DMD2_PREFIX
 from distill.metrics.eval import BASE_METRICS, load_extractor_spec
 from distill.metrics.inception import INCEPTION_ENV
+from distill.models.errors import ToolkitError
 
 
 def register(subparsers) -> None:
@@ -32,6 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of image 0 (image i uses seed + i)")
     p.add_argument("--batch-size", type=int, default=16, help="images generated per batch per process")
     p.add_argument("--guidance-scale", type=float, default=None, help="pipelines: override the card's guidance")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="pipelines: weights dtype (float16 VAEs can overflow to NaN: an error, never a number)")
     p.add_argument("--save-images", action="store_true", help="also write OUT/images/00000.png, ...")
     p.add_argument("--inception", metavar="PATH", help=f"inception-2015-12-05.pt or its folder (else ${INCEPTION_ENV})")
     p.add_argument("--dinov2", metavar="FOLDER", help="facebook/dinov2-large folder (else $DISTILL_DINOV2_PATH)")
@@ -72,17 +75,23 @@ def run_eval(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     for spec in args.extractor:
         load_extractor_spec(spec)
+    metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    n = args.n or len(prompts)
+    if "diversity" in metric_names and n <= len(prompts):
+        raise ToolkitError(f"diversity compares images of the same prompt: --n ({n}) must exceed the number of "
+                           f"prompts ({len(prompts)}), e.g. --n {4 * len(prompts)} for 4 seeds per prompt")
     device = _launch_device(args.device)
     with _one_line_warnings():
         evaluator = Evaluator(
-            [m.strip() for m in args.metrics.split(",") if m.strip()], args.ref, inception=args.inception,
+            metric_names, args.ref, inception=args.inception,
             dinov2=args.dinov2, pr_features=args.pr_features, diversity_features=args.diversity_features,
             pr_k=args.pr_k, clip_name=args.clip_model, clip_pretrained=args.clip_pretrained,
             clip_convention=args.clip_convention, clip_prefix=args.clip_prefix, batch_size=args.ref_batch_size,
             num_workers=args.workers, cache_dir=None if args.cache == "none" else args.cache, device=device,
             progress=not args.no_progress)
-        generate, info = open_model(args.model, steps=args.steps, device=device, guidance_scale=args.guidance_scale)
-        result = evaluate_model(generate, evaluator, prompts, n=args.n or len(prompts), seed=args.seed,
+        generate, info = open_model(args.model, steps=args.steps, device=device, guidance_scale=args.guidance_scale,
+                                    dtype=args.dtype)
+        result = evaluate_model(generate, evaluator, prompts, n=n, seed=args.seed,
                                 batch_size=args.batch_size, out_dir=args.out, save_images=args.save_images,
                                 model_info=info, prompts_file=args.prompts, progress=not args.no_progress)
     if process_group()[0] == 0:

@@ -40,13 +40,13 @@ def check_model(model: str | os.PathLike) -> str:
 
 
 def open_model(model: str | os.PathLike, *, steps: int | None = None, device=None,
-               guidance_scale: float | None = None) -> tuple[ImageGenerator, dict]:
+               guidance_scale: float | None = None, dtype: str = "float32") -> tuple[ImageGenerator, dict]:
     """A generator for ``model`` and a description of it (kind, path, timesteps, guidance) for metrics.json."""
     kind = check_model(model)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if kind == "run":
         return _run_generator(Path(model), steps, device)
-    return _pipeline_generator(os.fspath(model), steps, device, guidance_scale)
+    return _pipeline_generator(os.fspath(model), steps, device, guidance_scale, getattr(torch, dtype))
 
 
 def _run_generator(run: Path, steps: int | None, device: torch.device) -> tuple[ImageGenerator, dict]:
@@ -72,8 +72,8 @@ def _run_generator(run: Path, steps: int | None, device: torch.device) -> tuple[
     return generate, {"kind": "run", "path": str(run), "timesteps": timesteps, "teacher": config.teacher.path}
 
 
-def _pipeline_generator(model: str, steps: int | None, device: torch.device,
-                        guidance_scale: float | None) -> tuple[ImageGenerator, dict]:
+def _pipeline_generator(model: str, steps: int | None, device: torch.device, guidance_scale: float | None,
+                        dtype: torch.dtype = torch.float32) -> tuple[ImageGenerator, dict]:
     from diffusers import DiffusionPipeline
 
     from distill.models.loading import resolve_pipeline_dir
@@ -85,11 +85,11 @@ def _pipeline_generator(model: str, steps: int | None, device: torch.device,
         if card.get("lora"):
             from diffusers import LCMScheduler
 
-            pipe = DiffusionPipeline.from_pretrained(card["teacher"], torch_dtype=torch.float32)
+            pipe = DiffusionPipeline.from_pretrained(card["teacher"], torch_dtype=dtype)
             pipe.load_lora_weights(folder)
             pipe.scheduler = LCMScheduler.from_config(card["scheduler_config"])
         else:
-            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
     except Exception as err:
         raise ToolkitError(f"cannot load the pipeline in {folder}: {str(err).splitlines()[0]}") from None
     pipe.to(device)
@@ -109,7 +109,7 @@ def _pipeline_generator(model: str, steps: int | None, device: torch.device,
         return to_uint8(torch.as_tensor(images).float(), (0, 1), what="generated images")
 
     return generate, {"kind": "pipeline", "path": folder, "timesteps": timesteps, "guidance_scale": scale,
-                      "scheduler": type(pipe.scheduler).__name__}
+                      "scheduler": type(pipe.scheduler).__name__, "dtype": str(dtype).replace("torch.", "")}
 
 
 def _steps(timesteps: list, steps: int | None) -> list[int]:

@@ -149,6 +149,7 @@ def test_eval_against_statistics_files(setup, full_eval, tmp_path):
     ({"--ref": "/no/such/ref"}, "path not found"),
     ({"--pr-features": "vgg"}, "unknown extractor 'vgg'"),
     ({"--pr-k": "0"}, "--pr-k must be an integer >= 1"),
+    ({"--n": "3"}, "diversity compares images of the same prompt: --n (3) must exceed the number of prompts (3)"),
 ])
 def test_bad_eval_inputs_fail_before_any_network(setup, tmp_path, capsys, change, fragment, monkeypatch):
     import importlib
@@ -244,3 +245,24 @@ def test_nan_latents_in_distill_sample_are_one_line(setup, tmp_path, capsys, mon
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err
     assert "1 of 3 latents contain NaN or inf" in errors[0]
     assert not list(tmp_path.glob("png/*.png"))
+
+
+def test_in_training_eval_fn_on_the_sdxl_student(setup, tmp_path, monkeypatch):
+    """The Trainer's eval_fn for a text-to-image student: FID and CLIP of in-memory decoded samples."""
+    monkeypatch.setenv("DISTILL_EVAL_CACHE", str(tmp_path / "cache"))
+    from distill.commands import load_run
+    from distill.train_eval import build_eval_fn
+
+    config, models = load_run(setup / "run")
+    config.train.eval_every = 1
+    eval_cfg = config.train.eval
+    eval_cfg.n, eval_cfg.batch_size, eval_cfg.metrics = 4, 2, ["fid", "clip"]
+    eval_cfg.ref, eval_cfg.inception = str(setup / "ref"), str(setup / INCEPTION_FILENAME)
+    eval_cfg.prompts, eval_cfg.clip_model = str(setup / "prompts.txt"), f"local-dir:{setup / 'clip'}"
+    eval_fn = build_eval_fn(config)(models)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 4 samples for 2048-d features: rank-deficient, expected
+        first, again = eval_fn(0), eval_fn(1)
+    assert set(first) == {"fid", "clip"} and all(np.isfinite(v) for v in first.values())
+    assert first == again  # the same noise every time: values change only with the model
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # the reference folder's statistics, cached
