@@ -120,7 +120,7 @@ class EvalConfig:
     ``ref``: reference statistics ``.npz`` (or an image folder); ``metrics``: ``fid`` and optionally ``clip``
     (any of ``distill eval``'s); ``features``: the extractor behind ``fid`` (``inception``; ``identity`` for
     toy vector data); ``prompts``: text-to-image prompts (default ``data.prompts``). The best checkpoint by
-    the first metric (lower is better) is kept in ``RUN/checkpoints/best/``. See distill/train_eval.py.
+    FID (else the first ``fd_*``; lower is better) is kept in ``RUN/checkpoints/best/``. See distill/train_eval.py.
     """
 
     n: int = 1000

@@ -97,7 +97,7 @@ class Trainer:
         sample_fn: ``sample_fn(step, path_stem)`` writes a sample grid; called every ``sample_every`` steps.
         eval_fn: ``eval_fn(step) -> {metric: value}`` (all processes; distill/train_eval.py); called every
             ``eval_every`` steps with the EMA swapped in. Values go to log.jsonl as ``eval_<metric>``; the
-            checkpoint with the lowest first metric (FID) is kept in ``checkpoints/best/``.
+            checkpoint with the lowest FID (else the first ``fd_*``) is kept in ``checkpoints/best/``.
     """
 
     def __init__(self, method: Method, data: BatchSource, config: TrainConfig, generator_optim: OptimConfig,
@@ -332,15 +332,17 @@ class Trainer:
         return logs
 
     def evaluate(self) -> dict:
-        """Run ``eval_fn`` (EMA swapped in), log ``eval_<metric>``, keep the best checkpoint by the first metric."""
+        """Run ``eval_fn`` (EMA swapped in), log ``eval_<metric>``, keep the best checkpoint by FID."""
         if self.ema is not None:
             with self.ema.swapped():
                 values = self.eval_fn(self.step)
         else:
             values = self.eval_fn(self.step)
         self._log({f"eval_{k}": float(v) for k, v in values.items()})
-        if values:
-            key, value = next(iter(values.items()))  # fid first: lower is better
+        # the best checkpoint by a distance (lower is better): FID, else the first Frechet distance asked for
+        key = next((k for k in values if k == "fid"), None) or next((k for k in values if k.startswith("fd_")), None)
+        if key is not None:
+            value = values[key]
             best_file = self.checkpoint_root / "best" / "best.json"
             if getattr(self, "_best_value", None) is None:  # read once (a resumed run continues its record), so
                 # every process decides alike and all enter save() together
