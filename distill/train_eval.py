@@ -77,7 +77,7 @@ def _eval_fn(models, evaluator, cfg, prompts, image_student: bool) -> EvalFn:
                 batch_prompts = None
                 if prompts is not None:
                     batch_prompts = [prompts[i % len(prompts)] for i in indices]
-                    cond = models.conditioner(batch_prompts)
+                    cond = models.conditioner(batch_prompts).to(device)
                 elif models.mixture is not None and models.conditioner is not None:
                     cond = models.conditioner(torch.tensor(list(indices)) % models.mixture.num_classes).to(device)
                 else:

@@ -66,7 +66,8 @@ def _run_generator(run: Path, steps: int | None, device: torch.device) -> tuple[
         z = torch.stack([torch.randn(models.sample_shape, generator=torch.Generator().manual_seed(int(s)))
                          for s in seeds]).to(device)
         renoise = torch.Generator(device).manual_seed(int(seeds[0]))
-        x = sample_student(student, z, models.conditioner(list(prompts)), timesteps, generator=renoise)
+        cond = models.conditioner(list(prompts)).to(device)  # the text encoders may live elsewhere
+        x = sample_student(student, z, cond, timesteps, generator=renoise)
         return to_uint8(decode_to_images(x.float(), models), (0, 1))
 
     return generate, {"kind": "run", "path": str(run), "timesteps": timesteps, "teacher": config.teacher.path}
