@@ -8,7 +8,8 @@ Public API::
     metrics.kid(a, b, ...)                        # KID (polynomial-kernel MMD, clean-fid's estimator)
     metrics.clip_score(images, prompts, ...)      # CLIPScore, "cosine" (DMD2) or "torchmetrics"
     metrics.fid(a, b, extractor=metrics.load_dinov2(path))  # FD-DINOv2 (dgm-eval's features)
-    metrics.precision_recall(generated, reference, k=3)     # Kynkaanniemi et al. 2019
+    metrics.precision_recall(real_feats, fake_feats, k=3)   # Kynkaanniemi et al. 2019 -> (precision, recall)
+    metrics.precision_recall_images(generated, reference)   # the same on image sources
     metrics.diversity(features, prompts)          # mean pairwise feature distance within a prompt
 
 FID follows clean-fid's ``clean`` mode (Parmar et al. 2022) with the Frechet distance of Heusel et
@@ -21,7 +22,7 @@ from distill.metrics.fid import compute_stats, extract_features
 from distill.metrics.kid import kernel_distance, kid
 from distill.metrics.dinov2 import DINOV2_ENV, Dinov2Features, load_dinov2
 from distill.metrics.diversity import diversity
-from distill.metrics.precision_recall import precision_recall, precision_recall_features
+from distill.metrics.precision_recall import precision_recall, precision_recall_images
 from distill.metrics.inception import INCEPTION_ENV, INCEPTION_URL, clean_resize, find_inception_weights, load_inception
 from distill.metrics.sources import FolderSource, GeneratorSource, TensorSource, open_source
 from distill.metrics.stats import RunningStats, Stats, frechet_distance
@@ -35,7 +36,7 @@ __all__ = [
     "diversity",
     "load_dinov2",
     "precision_recall",
-    "precision_recall_features",
+    "precision_recall_images",
     "DMD2_PREFIX",
     "FolderSource",
     "GeneratorSource",

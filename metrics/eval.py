@@ -32,7 +32,7 @@ from distill.metrics.diversity import DISTANCES, diversity
 from distill.metrics.eval_reference import Reference, default_cache_dir, folder_reference, match_stats_file
 from distill.metrics.fid import _Extractor, _warn_if_incomparable, extract_features, prepare_extractor
 from distill.metrics.kid import _gathered, kernel_distance
-from distill.metrics.precision_recall import DEFAULT_K, precision_recall_features
+from distill.metrics.precision_recall import DEFAULT_K, precision_recall
 from distill.metrics.sources import FolderSource
 from distill.metrics.stats import RunningStats, Stats, frechet_distance
 from distill.models.errors import ToolkitError
@@ -280,8 +280,9 @@ class Evaluator:
         gathered = {name: _gathered(torch.cat(rows) if rows else torch.zeros(0, 0, dtype=torch.float64))[order]
                     for name, rows in kept.items()}
         if "pr" in self.metrics:
-            values.update(precision_recall_features(gathered[self.pr_features],
-                                                    self.references[self.pr_features].features, self.pr_k))
+            precision, recall = precision_recall(self.references[self.pr_features].features,
+                                                 gathered[self.pr_features], self.pr_k)
+            values.update(precision=precision, recall=recall)
         if "kid" in self.metrics:
             values["kid"] = kernel_distance(gathered["inception"], self.references["inception"].features)
         if "clip" in self.metrics:

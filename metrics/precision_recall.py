@@ -34,32 +34,32 @@ def _coverage(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
     return float(torch.cat(inside).double().mean())
 
 
-def precision_recall_features(generated, reference, k: int = DEFAULT_K, block: int = 4096) -> dict[str, float]:
-    """Precision and recall of generated features ``[N, D]`` against reference features ``[M, D]``.
+def precision_recall(real, fake, k: int = DEFAULT_K, block: int = 4096) -> tuple[float, float]:
+    """``(precision, recall)`` of generated features ``fake [M, D]`` against reference features ``real [N, D]``.
 
-    Returns ``{"precision": p, "recall": r}``. Needs more than ``k`` samples on each side.
+    Needs more than ``k`` samples on each side. (The same signature as the digits metric's helper.)
     """
     check_int(k, "k", 1)
     check_int(block, "block", 1)
-    fake = torch.as_tensor(generated).detach().to(torch.float64)
-    real = torch.as_tensor(reference).detach().to(torch.float64)
-    if fake.ndim != 2 or real.ndim != 2 or fake.shape[1] != real.shape[1]:
+    ref = torch.as_tensor(real).detach().to(torch.float64)
+    gen = torch.as_tensor(fake).detach().to(torch.float64)
+    if gen.ndim != 2 or ref.ndim != 2 or gen.shape[1] != ref.shape[1]:
         raise ToolkitError(f"precision/recall need two [N, D] feature sets of the same D, got "
-                           f"{tuple(fake.shape)} and {tuple(real.shape)}")
-    for x, what in ((fake, "generated"), (real, "reference")):
+                           f"{tuple(ref.shape)} (reference) and {tuple(gen.shape)} (generated)")
+    for x, what in ((gen, "generated"), (ref, "reference")):
         if x.shape[0] <= k:
             raise ToolkitError(f"precision/recall with k={k} need more than {k} {what} samples, got {x.shape[0]}")
         require_finite(x, f"{what} feature vectors")
-    precision = _coverage(fake, real, knn_radii(real, k, block), block)
-    recall = _coverage(real, fake, knn_radii(fake, k, block), block)
-    return {"precision": precision, "recall": recall}
+    precision = _coverage(gen, ref, knn_radii(ref, k, block), block)
+    recall = _coverage(ref, gen, knn_radii(gen, k, block), block)
+    return precision, recall
 
 
-def precision_recall(generated, reference, *, k: int = DEFAULT_K, extractor=None,
-                     inception_path: str | os.PathLike | None = None, num_samples: int | None = None,
-                     value_range=None, truncate: bool = False, batch_size: int = 64, num_workers: int | None = None,
-                     device=None, progress: bool = True) -> dict[str, float]:
-    """Precision and recall between two image sources (folders, tensors, generators), on Inception
+def precision_recall_images(generated, reference, *, k: int = DEFAULT_K, extractor=None,
+                            inception_path: str | os.PathLike | None = None, num_samples: int | None = None,
+                            value_range=None, truncate: bool = False, batch_size: int = 64,
+                            num_workers: int | None = None, device=None, progress: bool = True) -> dict[str, float]:
+    """``{"precision", "recall"}`` between two image sources (folders, tensors, generators), on Inception
     features by default or on any extractor's (e.g. :func:`metrics.dinov2.load_dinov2`); arguments as
     in :func:`metrics.kid.kid`. Features are gathered from every process, so all get the same values.
     """
@@ -68,4 +68,5 @@ def precision_recall(generated, reference, *, k: int = DEFAULT_K, extractor=None
                                  num_samples=num_samples, value_range=value_range, truncate=truncate,
                                  batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
                                  metric="precision/recall")
-    return precision_recall_features(features[0], features[1], k)
+    precision, recall = precision_recall(features[1], features[0], k)
+    return {"precision": precision, "recall": recall}

@@ -47,26 +47,26 @@ def test_precision_recall_equal_torch_fidelity():
     fake = torch.randn(300, 16, generator=g, dtype=torch.float64) * 0.8 + 0.4
     real = torch.randn(250, 16, generator=g, dtype=torch.float64)
     for k in (3, 5):
-        ours = metrics.precision_recall_features(fake, real, k=k, block=64)
-        precision, recall = calculate_precision_recall_full(fake, real, neighborhood=k)
-        assert ours["precision"] == pytest.approx(precision, abs=1e-4)
-        assert ours["recall"] == pytest.approx(recall, abs=1e-4)
-        assert 0.05 < ours["precision"] < 0.95 and 0.05 < ours["recall"] < 0.95  # a non-trivial case
-    collapsed = metrics.precision_recall_features(real[:1].repeat(50, 1) + 1e-3 * torch.randn(50, 16, generator=g,
-                                                  dtype=torch.float64), real)
-    assert collapsed["precision"] == 1.0 and collapsed["recall"] < 0.05  # mode collapse: precise, no recall
-    with pytest.raises(ToolkitError, match="more than 3"):
-        metrics.precision_recall_features(fake[:3], real)
+        ours = metrics.precision_recall(real, fake, k=k, block=64)
+        precision, recall = calculate_precision_recall_full(fake, real, neighborhood=k)  # (generated, real)
+        assert ours[0] == pytest.approx(precision, abs=1e-4)
+        assert ours[1] == pytest.approx(recall, abs=1e-4)
+        assert 0.05 < ours[0] < 0.95 and 0.05 < ours[1] < 0.95  # a non-trivial case
+    collapsed = metrics.precision_recall(real, real[:1].repeat(50, 1) + 1e-3 * torch.randn(50, 16, generator=g,
+                                         dtype=torch.float64))
+    assert collapsed[0] == 1.0 and collapsed[1] < 0.05  # mode collapse: precise, no recall
+    with pytest.raises(ToolkitError, match="more than 3 generated"):
+        metrics.precision_recall(real, fake[:3])
 
 
 def test_precision_recall_on_images_matches_features(tiny_dinov2_dir):
     extractor = load_dinov2(tiny_dinov2_dir)
     a, b = _images(12, seed=1), _images(10, seed=2)
-    ours = metrics.precision_recall(a, b, extractor=extractor, batch_size=5, device="cpu", progress=False)
-    by_hand = metrics.precision_recall_features(extractor(a), extractor(b))
-    assert ours == by_hand
+    ours = metrics.precision_recall_images(a, b, extractor=extractor, batch_size=5, device="cpu", progress=False)
+    precision, recall = metrics.precision_recall(extractor(b), extractor(a))
+    assert ours == {"precision": precision, "recall": recall}
     with pytest.raises(ToolkitError, match="needs images, not statistics"):
-        metrics.precision_recall(a, metrics.Stats(np.zeros(32), np.eye(32)), extractor=extractor)
+        metrics.precision_recall_images(a, metrics.Stats(np.zeros(32), np.eye(32)), extractor=extractor)
 
 
 def test_dinov2_input_matches_pil_within_one_grey_level():
@@ -108,6 +108,13 @@ def test_missing_dinov2_weights_is_one_line(tmp_path, monkeypatch):
     message = str(info.value)
     assert "\n" not in message and "model.safetensors" in message and "--dinov2" in message and DINOV2_ENV in message
     assert str(tmp_path / "also-missing") in message and "facebook/dinov2-large" in message
+
+
+def test_precision_recall_definition_on_a_line():
+    """The digits metric's case (k = 1): radii 1 around 0..4; of the fakes only 0.5 lies inside."""
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]])
+    assert metrics.precision_recall(real, torch.tensor([[0.5], [10.0], [10.5], [11.0]]), k=1) == (0.25, 1.0)
+    assert metrics.precision_recall(real, torch.tensor([[10.0], [10.5], [11.0], [11.5]]), k=1) == (0.0, 0.0)
 
 
 def test_diversity_by_hand_and_collapse():
