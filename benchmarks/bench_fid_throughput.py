@@ -19,6 +19,9 @@ when the network dominates, as it does on a CPU.
     python benchmarks/bench_fid_throughput.py                 # default, under ~2 minutes on 2 CPU cores
     python benchmarks/bench_fid_throughput.py --num 2048 --sizes 64 256 512 --device cuda
 
+Each path's FID against the same reference statistics (another image set) is recorded with its
+relative difference to ``ours gen`` (the target is equal values to 1e-4), and the GPU's name.
+
 Writes ``benchmarks/results/fid_throughput.json`` (git-ignored).
 """
 from __future__ import annotations
@@ -138,10 +141,13 @@ def run_size(size: int, args, extractor: nn.Module, device: torch.device, workdi
 
     paths = {"ours gen": ours_gen, "ours folder": ours_folder, "clean-fid gen": cleanfid_gen, "clean-fid folder": cleanfid_folder}
     timings = {name: [] for name in paths}
-    means = {}
+    means, fids = {}, {}
+    # the value check: every path's FID against the same reference (another image set, ours gen)
+    ref = metrics.compute_stats(Replay(make_images(args.num, size, seed=1)).take, num_samples=args.num, **kw)
     for _ in range(args.repeats):  # round robin, best of: fair when other load on the machine comes and goes
         for name, fn in paths.items():
-            elapsed, (means[name], _) = timed(fn)
+            elapsed, (means[name], sigma) = timed(fn)
+            fids[name] = metrics.frechet_distance(means[name], sigma, ref.mu, ref.sigma)
             timings[name].append(elapsed)
     rows = []
     for name in paths:
@@ -155,6 +161,8 @@ def run_size(size: int, args, extractor: nn.Module, device: torch.device, workdi
                 "seconds_all_runs": [round(t, 3) for t in timings[name]],
                 "images_per_s": round(args.num / seconds, 1),
                 "max_abs_mu_diff_vs_ours_gen": float(np.abs(means[name] - means["ours gen"]).max()),
+                "fid_vs_reference": fids[name],
+                "fid_rel_diff_vs_ours_gen": abs(fids[name] - fids["ours gen"]) / max(abs(fids["ours gen"]), 1e-12),
             }
         )
         print(f"  {size:>4}px  {name:<17} {args.num / seconds:8.1f} img/s", flush=True)
@@ -180,6 +188,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA device on this machine")
     extractor = small_extractor() if args.extractor == "small" else inception_arch_extractor()
     print(f"device {device}, torch threads {torch.get_num_threads()}, extractor {args.extractor}, {args.num} images per path")
     with torch.no_grad():  # warm-up: first-call allocations and kernel selection, not timed
@@ -189,17 +199,19 @@ def main() -> None:
         for size in args.sizes:
             rows += run_size(size, args, extractor, device, Path(tmp))
 
-    print(f"\n| size | path | img/s | ours gen speed-up | max abs mu diff vs ours gen |\n|---|---|---|---|---|")
+    print(f"\n| size | path | img/s | ours gen speed-up | max abs mu diff vs ours gen | FID rel. diff vs ours gen |"
+          f"\n|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['size']} | {row['path']} | {row['images_per_s']:.1f} | {row['ours_gen_speedup']:.2f}x "
-            f"| {row['max_abs_mu_diff_vs_ours_gen']:.1e} |"
+            f"| {row['max_abs_mu_diff_vs_ours_gen']:.1e} | {row['fid_rel_diff_vs_ours_gen']:.1e} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {
             "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,

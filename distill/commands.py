@@ -67,10 +67,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from distill.config_rules import check_world
     from distill.engine import Trainer
     from distill.sample_grids import sample_grid_writer
+    from distill.train_eval import build_eval_fn
 
     out = cli_checks.out_dir(args.out)
     config = load_config(args.config, args.overrides)
     check_world(config, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun / accelerate set it before we start
+    make_eval_fn = build_eval_fn(config)  # checks train.eval.* before any slow work
     overwrite = getattr(args, "overwrite", False)
     resume = "none" if overwrite else args.resume
     run_folder.check_run_folder(out, config, args.resume, overwrite)
@@ -92,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                          progress=not args.no_progress and main, run_dir=out)
         trainer = Trainer(method, data, config.train, config.generator_optim, config.critic_optim, out,
                           resume=resume_from, accelerator=accelerator, sample_fn=sample_grid_writer(models, config),
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, eval_fn=make_eval_fn(models) if make_eval_fn else None)
         if trainer.resumed_from is not None:
             if main:  # the resumable keys (train.steps, ...) may have changed: record the new values
                 run_folder.write_config(config, out)

@@ -129,6 +129,28 @@ class FsdpConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-training evaluation (``train.eval_every`` > 0): metrics of ``n`` in-memory samples against ``ref``.
+
+    ``ref``: reference statistics ``.npz`` (or an image folder); ``metrics``: ``fid`` and optionally ``clip``
+    (any of ``distill eval``'s); ``features``: the extractor behind ``fid`` (``inception``; ``identity`` for
+    toy vector data); ``prompts``: text-to-image prompts (default ``data.prompts``). The best checkpoint by
+    FID (else the first ``fd_*``; lower is better) is kept in ``RUN/checkpoints/best/``. See distill/train_eval.py.
+    """
+
+    n: int = 1000
+    ref: str | None = None
+    metrics: list = field(default_factory=lambda: ["fid"])
+    features: str = "inception"
+    inception: str | None = None
+    prompts: str | None = None
+    batch_size: int = 64
+    seed: int = 0
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     seed: int = 0
@@ -148,6 +170,8 @@ class TrainConfig:
     # fsdp: student, fake score (+ GAN head) and teacher sharded (FSDP2); none: one process only
     parallel: str = "ddp"
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    eval_every: int = 0  # 0: no in-training evaluation
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass

@@ -113,11 +113,15 @@ class Trainer:
         out_dir: run folder (checkpoints, logs, samples).
         resume: ``None``, ``"auto"`` (latest checkpoint in ``out_dir`` if any) or a checkpoint path.
         sample_fn: ``sample_fn(step, path_stem)`` writes a sample grid; called every ``sample_every`` steps.
+        eval_fn: ``eval_fn(step) -> {metric: value}`` (all processes; distill/train_eval.py); called every
+            ``eval_every`` steps with the EMA swapped in. Values go to log.jsonl as ``eval_<metric>``; the
+            checkpoint with the lowest FID (else the first ``fd_*``) is kept in ``checkpoints/best/``.
     """
 
     def __init__(self, method: Method, data: BatchSource, config: TrainConfig, generator_optim: OptimConfig,
                  critic_optim: OptimConfig, out_dir: str | Path, resume: str | None = None,
-                 sample_fn: Callable[[int, Path], None] | None = None, accelerator=None, progress: bool = True):
+                 sample_fn: Callable[[int, Path], None] | None = None, accelerator=None, progress: bool = True,
+                 eval_fn: Callable[[int], dict] | None = None):
         from distill.parallel import make_accelerator
 
         self.method, self.data, self.config = method, data, config
@@ -128,7 +132,7 @@ class Trainer:
         from distill.parallel import check_parallel
 
         self.parallel = check_parallel(config, self.world)
-        self.sample_fn, self.progress = sample_fn, progress
+        self.sample_fn, self.progress, self.eval_fn = sample_fn, progress, eval_fn
         global_batch = data.global_batch_size
         if global_batch % (self.world * config.grad_accum):
             raise ToolkitError(f"global batch {global_batch} must divide by processes x grad_accum "
@@ -188,12 +192,15 @@ class Trainer:
 
         return {n: full_optimizer_state(self._turn_modules(n), t.optimizer) for n, t in self.turns.items()}
 
-    def save(self) -> Path | None:
-        """Write a checkpoint of the current step (main process); every process waits for it.
+    def save(self, root: Path | None = None, keep: int | None = None) -> Path | None:
+        """Write a checkpoint of the current step to ``root`` (default: the run's checkpoints; ``keep`` the newest
+        to keep) from the main process; every process waits for it.
 
         Under FSDP every process first takes part in gathering full weights and optimiser states (so the
         checkpoint is the same single-process format, loadable at any world size and by ``distill export``).
         """
+        root = self.checkpoint_root if root is None else root
+        keep = self.config.keep_checkpoints if keep is None else keep
         path = None
         if self.parallel == "fsdp":
             from distill.parallel import full_tensors
@@ -210,8 +217,7 @@ class Trainer:
             }
             state = {"data_position": self.step * self.data.global_batch_size, "nan_total": self.nan_total,
                      "nan_streak": self.nan_streak, "world_size": self.world}
-            path = ckpt.save_checkpoint(self.checkpoint_root, self.step, weights, training_state, state,
-                                        keep=self.config.keep_checkpoints)
+            path = ckpt.save_checkpoint(root, self.step, weights, training_state, state, keep=keep)
         self.accelerator.wait_for_everyone()
         self._last_save = time.monotonic()
         return path
@@ -448,6 +454,8 @@ class Trainer:
                 if self.sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0 \
                         and self.accelerator.is_main_process:
                     self.write_samples()
+                if self.eval_fn and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate()
             self.save()
             if self.sample_fn and cfg.sample_every and self.accelerator.is_main_process:
                 self.write_samples()
@@ -461,6 +469,30 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
         return logs
+
+    def evaluate(self) -> dict:
+        """Run ``eval_fn`` (EMA swapped in), log ``eval_<metric>``, keep the best checkpoint by FID."""
+        if self.ema is not None:
+            with self.ema.swapped():
+                values = self.eval_fn(self.step)
+        else:
+            values = self.eval_fn(self.step)
+        self._log({f"eval_{k}": float(v) for k, v in values.items()})
+        # the best checkpoint by a distance (lower is better): FID, else the first Frechet distance asked for
+        key = next((k for k in values if k == "fid"), None) or next((k for k in values if k.startswith("fd_")), None)
+        if key is not None:
+            value = values[key]
+            best_file = self.checkpoint_root / "best" / "best.json"
+            if getattr(self, "_best_value", None) is None:  # read once (a resumed run continues its record), so
+                # every process decides alike and all enter save() together
+                self._best_value = json.loads(best_file.read_text())["value"] if best_file.is_file() else math.inf
+            if math.isfinite(value) and value < self._best_value:
+                self._best_value = value
+                self.save(self.checkpoint_root / "best", keep=1)
+                if self.accelerator.is_main_process:
+                    best_file.write_text(json.dumps({"step": self.step, "metric": key, "value": value}) + "\n")
+                self.accelerator.wait_for_everyone()
+        return values
 
     def write_samples(self) -> None:
         (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)

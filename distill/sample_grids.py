@@ -5,17 +5,25 @@ from pathlib import Path
 
 import torch
 
+from distill.metrics.finite import require_finite
 from distill.samplers import sample_student
 
 
 def decode_to_images(samples: torch.Tensor, models) -> torch.Tensor:
-    """Generator outputs -> images in [0, 1]: VAE-decoded for latent students, rescaled from [-1, 1] otherwise."""
+    """Generator outputs -> images in [0, 1]: VAE-decoded for latent students, rescaled from [-1, 1] otherwise.
+
+    Raises :class:`ToolkitError` with the count when latents (or decoded images) hold NaN or inf: a NaN
+    latent would otherwise decode to an all-black image without a word.
+    """
     pipeline = getattr(models, "pipeline", None)
     vae = getattr(pipeline, "vae", None)
     if vae is not None:
+        require_finite(samples, "latents", "the student produced NaN or inf (check the checkpoint or lower --steps)")
         with torch.no_grad():
             latents = samples.to(vae.device, vae.dtype) / vae.config.scaling_factor
-            samples = vae.decode(latents).sample.float().cpu()
+            samples = vae.decode(latents).sample.float()
+    require_finite(samples, "decoded images" if vae is not None else "samples",
+                   "in half precision the VAE can overflow; decode in float32" if vae is not None else "")
     return ((samples.clamp(-1, 1) + 1) / 2).cpu()
 
 

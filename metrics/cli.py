@@ -18,6 +18,24 @@ from distill.metrics.inception import INCEPTION_ENV, INCEPTION_FILENAME
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from distill.metrics import eval_cli
+
+    eval_cli.register(subparsers)  # distill eval
+    coco = subparsers.add_parser(
+        "coco-ref", help="COCO zero-shot protocol: prompts, resized reference images and statistics",
+        description="From a COCO captions file (captions_val2014.json, or file_name<TAB>caption lines) and its "
+                    "image folder: draw N captioned images (seeded), write OUT/prompts.txt, OUT/images/ (centre "
+                    "crop, LANCZOS resize to --resolution), OUT/ref_inception.npz and OUT/coco_protocol.json.")
+    coco.add_argument("--captions", required=True, help="captions_val2014.json or a TSV file_name<TAB>caption")
+    coco.add_argument("--images", required=True, help="folder of the COCO images (e.g. val2014/)")
+    coco.add_argument("--out", required=True, help="output folder")
+    coco.add_argument("--n", type=int, default=10000, help="captions / reference images (10000 or 30000)")
+    coco.add_argument("--resolution", type=int, default=512, help="reference image size (the eval resolution)")
+    coco.add_argument("--seed", type=int, default=0)
+    coco.add_argument("--no-stats", action="store_true", help="skip the Inception statistics")
+    coco.add_argument("--threads", type=int, default=4, help="resize threads")
+    _add_fid_options(coco)
+    coco.set_defaults(func=run_coco_ref)
     fid_parser = subparsers.add_parser(
         "fid",
         help="FID between two image folders or .npz statistics (clean-fid 'clean' protocol)",
@@ -78,7 +96,8 @@ def _add_run_options(parser: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def _check_run_options(args: argparse.Namespace) -> None:
-    """Numeric options and the device, checked before any model is loaded (one ``error:`` line, exit 2)."""
+    """Numeric options and the device, named as on the command line, checked before any input is read or model
+    loaded (one ``error:`` line, exit 2)."""
     from distill import cli_checks
 
     cli_checks.at_least("--batch-size", args.batch_size, 1)
@@ -124,6 +143,20 @@ def run_clip(args: argparse.Namespace) -> int:
         )
     result = {"clip_score": value, "convention": args.convention, "model": args.model, "pretrained": args.pretrained}
     _report(args, result, f"CLIP score ({args.convention}, {args.model} {args.pretrained}): {value:.6f}")
+    return 0
+
+
+def run_coco_ref(args: argparse.Namespace) -> int:
+    from distill.metrics.coco import make_coco_reference
+
+    _check_run_options(args)
+    with _one_line_warnings():
+        protocol = make_coco_reference(args.captions, args.images, args.out, n=args.n, resolution=args.resolution,
+                                       seed=args.seed, workers=args.threads, stats=not args.no_stats,
+                                       inception_path=args.inception, device=args.device,
+                                       progress=not args.no_progress)
+    _report(args, protocol | {"files": len(protocol["files"])},
+            f"wrote {protocol['n']} prompts and reference images to {args.out}")
     return 0
 
 

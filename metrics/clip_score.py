@@ -30,7 +30,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.metrics._util import first_line, resolve_device
+from distill.metrics._util import check_int, first_line, resolve_device
+from distill.metrics.finite import require_finite
 from distill.metrics.sources import FolderSource, TensorSource, ValueRange, check_image_files, to_uint8
 from distill.models.errors import ToolkitError
 
@@ -167,6 +168,8 @@ def clip_score(
     """
     if convention not in CONVENTIONS:
         raise ToolkitError(f"unknown CLIP score convention {convention!r}; choose {' or '.join(CONVENTIONS)}")
+    check_int(batch_size, "batch_size", 1)
+    check_int(num_workers, "num_workers", 0)
     items = _open_images(images, value_range)
     captions = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
     if len(captions) != len(items):
@@ -183,6 +186,8 @@ def clip_score(
             text = clip_model.tokenizer([prefix + c for c in captions[start : start + batch_size]])
             image_features = clip_model.model.encode_image(pixels.to(device)).double()
             text_features = clip_model.model.encode_text(text.to(device)).double()
+            require_finite(image_features, "CLIP image embeddings", "the CLIP model gave NaN or inf")
+            require_finite(text_features, "CLIP text embeddings", "the CLIP model gave NaN or inf")
             cosine = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1, eps=1e-12)
             scores.append(cosine.cpu())
             bar.update(pixels.shape[0])

@@ -10,7 +10,9 @@ during training without PNGs.
 A custom ``extractor`` is any callable (an ``nn.Module`` is moved to the device) mapping a float32
 batch ``[N, 3, 299, 299]`` of 0-255 values to ``[N, D]`` features, the same contract as clean-fid's
 ``custom_feat_extractor``. Give it a ``feature_dim`` attribute to have statistics files checked
-against it before any image is read.
+against it before any image is read. An extractor with ``raw_input = True`` (DINOv2,
+:mod:`metrics.dinov2`) receives the uint8 batch ``[N, 3, H, W]`` instead and does its own resize; its
+``transform`` attribute is recorded in the statistics' manifest.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.metrics._util import default_workers, resolve_device
+from distill.metrics._util import check_int, default_workers, resolve_device
 from distill.metrics.inception import CLEAN_TRANSFORM, INCEPTION_DIM, inception_input, load_inception
 from distill.metrics.sources import FolderSource, ImageSource, Source, ValueRange, open_source
 from distill.metrics.stats import RunningStats, Stats, frechet_distance
@@ -73,6 +75,7 @@ def fid(
     Under an initialised ``torch.distributed`` group each process reads its share and all get the
     same result.
     """
+    check_run_options(batch_size, num_workers, num_samples)
     sources = [open_source(x, num_samples=num_samples, value_range=value_range, truncate=truncate) for x in (a, b)]
     needs_features = any(not isinstance(s, Stats) for s in sources)
     _check_dims(sources, *(_expected_dim(extractor) if needs_features else (None, "")))
@@ -103,12 +106,20 @@ def compute_stats(
 
     Save reference statistics with ``compute_stats(folder).save("ref.npz")``.
     """
+    check_run_options(batch_size, num_workers, num_samples)
     src = open_source(source, num_samples=num_samples, value_range=value_range, truncate=truncate)
     if isinstance(src, Stats):
         _check_dims([src], *_expected_dim(extractor))
         return src
     feature = prepare_extractor(extractor, inception_path, device)
     return _stats_of(src, feature, batch_size, num_workers, truncate, progress)
+
+
+def check_run_options(batch_size, num_workers, num_samples=None) -> None:
+    """The throughput knobs every metric takes, checked before anything is opened or loaded."""
+    check_int(batch_size, "batch_size", 1)
+    check_int(num_workers, "num_workers", 0, optional=True)
+    check_int(num_samples, "num_samples", 1, optional=True)
 
 
 def feature_batches(source: ImageSource, feature: _Extractor, batch_size: int, num_workers: int | None,
@@ -121,7 +132,9 @@ def feature_batches(source: ImageSource, feature: _Extractor, batch_size: int, n
         num_workers = default_workers()
     # On a CPU the decoding workers also resize (as clean-fid's folder path does), spreading the
     # float64 resize over processes; on a GPU the uint8 images travel and are resized there.
-    resize_in_workers = feature.device.type == "cpu" and isinstance(source, FolderSource) and num_workers > 0
+    # Extractors with ``raw_input = True`` (DINOv2) take the uint8 images and do their own resize.
+    raw = getattr(feature.fn, "raw_input", False)
+    resize_in_workers = not raw and feature.device.type == "cpu" and isinstance(source, FolderSource) and num_workers > 0
     batches = source.batches(
         batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
         **({"transform": inception_input} if resize_in_workers else {}),
@@ -129,7 +142,7 @@ def feature_batches(source: ImageSource, feature: _Extractor, batch_size: int, n
     total = len(range(rank, len(source), world_size))
     with tqdm(total=total, desc=f"features {source.describe()}", unit="img", disable=not progress or rank != 0) as bar:
         for batch in batches:
-            x = batch if resize_in_workers else inception_input(batch.to(feature.device, non_blocking=True))
+            x = batch if resize_in_workers else _extractor_input(feature.fn, batch.to(feature.device, non_blocking=True))
             yield _run_extractor(feature.fn, x)
             bar.update(batch.shape[0])
 
@@ -149,7 +162,7 @@ def _stats_of(
     manifest = {
         "source": source.describe(),
         "count": running.n,
-        "transform": CLEAN_TRANSFORM,
+        "transform": getattr(feature.fn, "transform", CLEAN_TRANSFORM),
         "quantize": "truncate" if truncate else "round",
         "extractor": feature.name,
         "weights_sha256": feature.weights_hash,
@@ -162,8 +175,14 @@ def _stats_of(
 
 
 def extract_features(images: torch.Tensor, extractor: FeatureExtractor, device: torch.device | str) -> torch.Tensor:
-    """Features ``[N, D]`` of a uint8 batch ``[N, 3, H, W]``: clean resize in float64, extractor in float32."""
-    return _run_extractor(extractor, inception_input(images.to(device, non_blocking=True)))
+    """Features ``[N, D]`` of a uint8 batch ``[N, 3, H, W]``: clean resize in float64, extractor in float32
+    (``raw_input`` extractors such as DINOv2 get the uint8 batch and resize it themselves)."""
+    return _run_extractor(extractor, _extractor_input(extractor, images.to(device, non_blocking=True)))
+
+
+def _extractor_input(extractor, images: torch.Tensor) -> torch.Tensor:
+    """The uint8 images themselves for ``raw_input`` extractors, else the clean-fid 299 px float input."""
+    return images if getattr(extractor, "raw_input", False) else inception_input(images)
 
 
 @torch.no_grad()

@@ -12,7 +12,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from distill.metrics.fid import FeatureExtractor, feature_batches, prepare_extractor
+from distill.metrics._util import check_int
+from distill.metrics.finite import require_finite
+from distill.metrics.fid import FeatureExtractor, check_run_options, feature_batches, prepare_extractor
 from distill.metrics.sources import ValueRange, open_source
 from distill.metrics.stats import Stats
 from distill.models.errors import ToolkitError
@@ -29,6 +31,10 @@ def kernel_distance(features_a, features_b, num_subsets: int = 100, max_subset_s
     b = torch.as_tensor(features_b).double()
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ToolkitError(f"KID needs two [N, D] feature sets of the same D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    check_int(num_subsets, "num_subsets", 1)
+    check_int(max_subset_size, "max_subset_size", 2)
+    require_finite(a, "feature vectors (first set)")
+    require_finite(b, "feature vectors (second set)")
     m = min(a.shape[0], b.shape[0], max_subset_size)
     if m < 2:
         raise ToolkitError("KID needs at least 2 samples on each side")
@@ -65,14 +71,27 @@ def kid(
     Arguments as in :func:`metrics.fid.fid`, plus ``num_subsets`` and ``max_subset_size`` (clean-fid's
     defaults). Features are gathered from every process, so all processes return the same value.
     """
-    sources = [open_source(x, num_samples=num_samples, value_range=value_range, truncate=truncate) for x in (a, b)]
+    check_int(num_subsets, "num_subsets", 1)
+    check_int(max_subset_size, "max_subset_size", 2)
+    features = gathered_features([a, b], extractor=extractor, inception_path=inception_path, num_samples=num_samples,
+                                 value_range=value_range, truncate=truncate, batch_size=batch_size,
+                                 num_workers=num_workers, device=device, progress=progress, metric="KID")
+    return kernel_distance(features[0], features[1], num_subsets, max_subset_size)
+
+
+def gathered_features(inputs: list, *, extractor=None, inception_path=None, num_samples=None, value_range=None,
+                      truncate: bool = False, batch_size: int = 64, num_workers: int | None = None, device=None,
+                      progress: bool = True, metric: str = "this metric") -> list[torch.Tensor]:
+    """Features ``[N, D]`` (CPU) of each image source, from all processes: for metrics that need features,
+    not statistics (KID, precision/recall). Every input is opened and checked before the network loads."""
+    check_run_options(batch_size, num_workers, num_samples)
+    sources = [open_source(x, num_samples=num_samples, value_range=value_range, truncate=truncate) for x in inputs]
     for source in sources:
         if isinstance(source, Stats):
-            raise ToolkitError(f"KID needs images, not statistics: {source.origin} holds only a mean and covariance")
+            raise ToolkitError(f"{metric} needs images, not statistics: {source.origin} holds only a mean and covariance")
     feature = prepare_extractor(extractor, inception_path, device)
-    features = [_gathered(torch.cat(list(feature_batches(s, feature, batch_size, num_workers, progress))).cpu())
-                for s in sources]
-    return kernel_distance(features[0], features[1], num_subsets, max_subset_size)
+    return [_gathered(torch.cat(list(feature_batches(s, feature, batch_size, num_workers, progress))).cpu())
+            for s in sources]
 
 
 def _gathered(features: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from distill.metrics._util import first_line
+from distill.metrics.finite import require_finite
 from distill.metrics.stats import Stats
 from distill.models.errors import ToolkitError
 
@@ -47,12 +48,18 @@ def check_image_files(files: list[Path]) -> None:
             raise ToolkitError(f"cannot read image {file}: {first_line(err)}") from None
 
 
-def to_uint8(images: torch.Tensor, value_range: ValueRange | None = None, truncate: bool = False) -> torch.Tensor:
-    """Quantise a ``[B, 3, H, W]`` batch to uint8 0-255 (round, or floor with ``truncate``)."""
+def to_uint8(images: torch.Tensor, value_range: ValueRange | None = None, truncate: bool = False,
+             what: str = "images") -> torch.Tensor:
+    """Quantise a ``[B, 3, H, W]`` batch to uint8 0-255 (round, or floor with ``truncate``).
+
+    Raises :class:`ToolkitError` with the count when float images hold NaN or inf (a NaN would
+    otherwise become pixel 0 and give a finite, wrong FID).
+    """
     if images.dtype == torch.uint8:
         return images
     if not images.is_floating_point():
         return images.clamp(0, 255).to(torch.uint8)
+    require_finite(images, what)
     if value_range is None:
         raise ToolkitError("float images need value_range, e.g. (-1, 1), (0, 1) or (0, 255)")
     lo, hi = value_range
@@ -205,6 +212,7 @@ class TensorSource:
             raise ToolkitError(f"{x.shape[0]} image(s) given; at least {min_count} are needed")
         if x.is_floating_point() and value_range is None:
             raise ToolkitError("float images need value_range, e.g. (-1, 1), (0, 1) or (0, 255)")
+        require_finite(x, "images")  # up front, before any network loads
         return cls(images=x, value_range=value_range, truncate=truncate)
 
     def __len__(self) -> int:
@@ -251,7 +259,7 @@ class GeneratorSource:
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> Iterator[torch.Tensor]:
         remaining = len(_shard(self.num_samples, rank, world_size))
-        first = True
+        first, done = True, 0
         while remaining > 0:
             count = min(batch_size, remaining)
             with torch.no_grad():
@@ -263,8 +271,10 @@ class GeneratorSource:
                     raise ToolkitError("the generator returns float images: pass value_range, e.g. (-1, 1) or (0, 1)")
                 _check_range(batch, self.value_range, "generated images")
                 first = False
-            yield to_uint8(batch, self.value_range, self.truncate)
+            yield to_uint8(batch, self.value_range, self.truncate,
+                           what=f"generated images (batch of samples {done}..{done + count - 1} of this process)")
             remaining -= count
+            done += count
 
 
 ImageSource = Union[FolderSource, TensorSource, GeneratorSource]

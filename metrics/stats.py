@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from distill.metrics._util import first_line
+from distill.metrics.finite import require_finite, require_finite_stats
 from distill.models.errors import ToolkitError
 
 
@@ -83,6 +84,7 @@ class Stats:
         sigma = np.asarray(_to_numpy(sigma), dtype=np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise ToolkitError(f"{where}: mu has shape {mu.shape} and sigma {sigma.shape}; expected [D] and [D, D]")
+        require_finite_stats(mu, sigma, where)
         return cls(mu=mu, sigma=sigma)
 
 
@@ -103,6 +105,7 @@ class RunningStats:
 
     def update(self, features: torch.Tensor) -> None:
         x = features.to(self.device, torch.float64).reshape(features.shape[0], -1)
+        require_finite(x, "feature vectors", "the feature extractor gave NaN or inf for finite images")
         if self.total is None:
             self.total = torch.zeros(x.shape[1], dtype=torch.float64, device=self.device)
             self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=self.device)
@@ -158,6 +161,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = (torch.atleast_1d(_as_float64(m)) for m in (mu1, mu2))
     sigma1, sigma2 = (torch.atleast_2d(_as_float64(s)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
+    for i, (mu, sigma) in enumerate(((mu1, sigma1), (mu2, sigma2)), start=1):
+        require_finite_stats(mu.numpy(), sigma.numpy(), f"statistics {i}")
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ToolkitError(
             f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
