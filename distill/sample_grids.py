@@ -15,6 +15,7 @@ def decode_to_images(samples: torch.Tensor, models) -> torch.Tensor:
     if vae is not None:
         with torch.no_grad():
             latents = samples.to(vae.device, vae.dtype) / vae.config.scaling_factor
+            latents = latents + (getattr(vae.config, "shift_factor", None) or 0.0)  # SD3 / FLUX VAEs
             samples = vae.decode(latents).sample.float().cpu()
     return ((samples.clamp(-1, 1) + 1) / 2).cpu()
 
