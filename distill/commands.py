@@ -148,6 +148,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if models.pipeline is None:
         raise ToolkitError("export needs a diffusers teacher (sdxl / sd15); toy students are sampled with "
                            "`distill sample`")
-    out = export.export_student(models, config, args.out)
+    from distill.models.backbones.common import FlowComponents, export_flow_student
+
+    if isinstance(models.pipeline, FlowComponents):  # SD3 / FLUX / Sana: the adapter's own pipeline and scheduler
+        out = export_flow_student(models, config, args.out)
+    else:
+        out = export.export_student(models, config, args.out)
     print(f"exported to {out}")
     return 0

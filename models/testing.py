@@ -417,7 +417,7 @@ def build_tiny_flux(directory: str, seed: int = 0, guidance_embeds: bool = True)
                                ("tokenizer_2",))
 
 
-def build_tiny_sana(directory: str, seed: int = 0, sample_size: int = 8) -> str:
+def build_tiny_sana(directory: str, seed: int = 0, sample_size: int = 16) -> str:
     """Write a tiny ``SanaPipeline`` (Gemma-2 text encoder with a Gemma-style tokenizer, a DC-AE VAE, a 2-block
     ``SanaTransformer2DModel`` with linear attention, patch size 1) to ``directory``; return its path. Latents
     4 x ``sample_size`` x ``sample_size``; images ``2 * sample_size`` pixels (a two-level DC-AE)."""

@@ -213,7 +213,7 @@ def load_flow_components(folder: str, kind: str, dtype: torch.dtype = torch.floa
     pipe_cls = getattr(diffusers, module.PIPELINE_CLASS)
     extra = {} if load_vae else {"vae": None}
     try:
-        pipe = pipe_cls.from_pretrained(folder, torch_dtype=dtype, **extra)
+        pipe = pipe_cls.from_pretrained(folder, dtype=dtype, **extra)
     except (OSError, ValueError) as err:
         raise ToolkitError(f"cannot load {folder} as {module.PIPELINE_CLASS}: {str(err).splitlines()[0]}") from None
     pipe.to(device)
@@ -310,7 +310,7 @@ def export_flow_student(models, config, out_dir: str | os.PathLike, dtype: torch
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
         student_scheduler_config(parts.scheduler_config, len(times) > 1))
     pipe_cls = getattr(diffusers, module.PIPELINE_CLASS)
-    pipe = pipe_cls.from_pretrained(parts.path, transformer=transformer, scheduler=scheduler, torch_dtype=dtype)
+    pipe = pipe_cls.from_pretrained(parts.path, transformer=transformer, scheduler=scheduler, dtype=dtype)
     out = os.fspath(out_dir)
     if os.path.abspath(out) == os.path.abspath(parts.path):
         raise ToolkitError("export would overwrite the teacher pipeline; choose another --out")
@@ -319,7 +319,9 @@ def export_flow_student(models, config, out_dir: str | os.PathLike, dtype: torch
             "width": parts.resolution[1], **module.card_call_kwargs(parts.conditioner)}
     card = {"pipeline_class": module.PIPELINE_CLASS, "teacher": config.teacher.path, "kind": parts.kind,
             "student_times": times, "call": call,
-            "usage": f"pipe = {module.PIPELINE_CLASS}.from_pretrained(out); image = pipe(prompt, **card['call'])"}
+            "usage": f"pipe = {module.PIPELINE_CLASS}.from_pretrained(out); image = pipe(prompt, **card['call'])",
+            "note": "multi-step students re-noise with fresh noise (stochastic_sampling); SD3 and FLUX pipelines draw "
+                    "it from the global torch RNG, not from `generator`: seed with torch.manual_seed"}
     with open(os.path.join(out, "distill_student.json"), "w") as f:
         json.dump(card, f, indent=2)
     return out
