@@ -96,6 +96,8 @@ def _recipe(kind: str, folder: str, method: str, root: Path, timesteps=(1.0,)) -
         "sid": {"name": "sid", "alpha": 1.2, "time_distribution": "uniform"},
         "sim": {"name": "sim", "time_distribution": "uniform"},
         "esd": {"name": "esd", "generator_every": 1},
+        "consistency": {"name": "consistency", "num_ddim_timesteps": 10, "w_min": 2.0, "w_max": 4.0,
+                        "data_source": "student", "target": "ema"},
     }
     data = {"kind": "prompts", "batch_size": 2, "prompts": str(root / "prompts.txt")}
     if method == "dmd2":  # the GAN head needs real latents
@@ -125,19 +127,21 @@ def _latest(run: Path):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", ["dmd2", "sid", pytest.param("sim", marks=pytest.mark.slow),
-                                    pytest.param("esd", marks=pytest.mark.slow)])
+                                    pytest.param("esd", marks=pytest.mark.slow),
+                                    pytest.param("consistency", marks=pytest.mark.slow)])
 def test_methods_train_checkpoint_and_resume(kind, method, tiny_dirs, tmp_path):
     recipe = _recipe(kind, tiny_dirs[kind], method, tmp_path)
     run = tmp_path / "run"
     _train(recipe, run)
     weights, _, _ = _latest(run)
-    first = {k: v.clone() for k, v in weights["fake_score"].items()}
+    trained = "student" if method == "consistency" else "fake_score"  # the critic trains every iteration
+    first = {k: v.clone() for k, v in weights[trained].items()}
     _train(recipe, run, "train.steps=4")  # resumes from step 3
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "step" in r][-1] == 4
     weights, _, _ = _latest(run)
-    moved = sum(float((weights["fake_score"][k] - first[k]).abs().sum()) for k in first)
-    assert moved > 0  # the resumed step trained (the critic trains every iteration)
+    moved = sum(float((weights[trained][k] - first[k]).abs().sum()) for k in first)
+    assert moved > 0  # the resumed step trained
     if method == "dmd2":
         assert "discriminator" in weights and "loss_g_gan" in json.dumps(logs)
 
