@@ -173,3 +173,24 @@ def test_export_card_reproduces_student_sampling(kind, tiny_dirs, tmp_path):
     z = torch.randn(1, *models.sample_shape)
     ours = sample_student(models.student, z, cond)
     torch.testing.assert_close(_latent_out(kind, got, models.sample_shape), ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", ["sd35_dmd2_4step", "flux_dmd2_lora", "sana_sid", "sana_lcm"])
+def test_backbone_recipes_run_on_the_tiny_pipelines(recipe, tiny_dirs, tmp_path):
+    """Each GPU recipe, pointed at the tiny pipeline of its family (sizes shrunk), builds and trains one step."""
+    from distill.config import load_config
+
+    config = load_config(f"recipes/{recipe}.yaml")
+    kind = config.teacher.kind
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\na dog\n")
+    overrides = [f"teacher.path={tiny_dirs[kind]}", f"teacher.resolution=[{PIXELS[kind]},{PIXELS[kind]}]",
+                 f"teacher.max_sequence_length={SEQ}", "teacher.gan_blocks=[0]", "teacher.dtype=float32",
+                 f"data.prompts={tmp_path / 'prompts.txt'}", "data.batch_size=2", "data.real=null",
+                 "train.steps=1", "train.mixed_precision='no'", "train.log_every=1",
+                 "method.gan_generator_weight=0.0", "method.gan_discriminator_weight=0.0"]
+    if config.method["name"] != "dmd2":
+        overrides = overrides[:-2]
+    if config.student.lora is not None:
+        overrides += ["student.lora.rank=2", "fake_score.lora.rank=2"]
+    _train(Path(f"recipes/{recipe}.yaml"), tmp_path / "run", *overrides)
+    assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
