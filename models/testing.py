@@ -452,3 +452,38 @@ def build_tiny_sana(directory: str, seed: int = 0, sample_size: int = 16) -> str
     pipe = SanaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
                         scheduler=_scheduler(SANA_SCHEDULER_CONFIG))
     return _save_flow_pipeline(pipe, directory, SANA_SCHEDULER_CONFIG, {}, (), ("tokenizer",))
+
+
+#: Tongyi-MAI/Z-Image-Turbo's scheduler: flow-matching Euler with a static shift 3
+ZIMAGE_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                           "use_dynamic_shifting": False}
+#: a minimal Qwen3-style chat template (user turn, then the assistant prefix), enough for encode_prompt
+_QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_zimage(directory: str, seed: int = 0) -> str:
+    """Write a tiny ``ZImagePipeline`` (Qwen3 text encoder with a chat-template tokenizer, a 4-channel VAE with
+    shift and scale, a ``ZImageTransformer2DModel`` with one refiner and two main layers) to ``directory``;
+    return its path. Use 32-pixel images: latents 4 x 8 x 8."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tok = _tokenizer_from(write_gemma_tokenizer, directory, PreTrainedTokenizerFast)
+    tok.chat_template = _QWEN_CHAT_TEMPLATE
+    hidden = 16
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                               n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True,
+                                               cap_feat_dim=hidden, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
+        vae = _flow_vae(4, 0.3611, 0.1159, 32, seed + 1)
+        torch.manual_seed(seed + 2)
+        text_encoder = Qwen3Model(Qwen3Config(hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                              vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=0))
+    pipe = ZImagePipeline(scheduler=_scheduler(ZIMAGE_SCHEDULER_CONFIG), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tok, transformer=transformer)
+    return _save_flow_pipeline(pipe, directory, ZIMAGE_SCHEDULER_CONFIG, {})

@@ -20,9 +20,12 @@ from distill.cli import main as cli_main
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-KINDS = ["sd3", "flux", "sana"]
-PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline"}
-PIXELS = {"sd3": 32, "flux": 32, "sana": 32}  # tiny default resolutions (FLUX's pipeline default is 512)
+KINDS = ["sd3", "flux", "sana", "zimage"]
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline",
+             "zimage": "ZImagePipeline"}
+PIXELS = {"sd3": 32, "flux": 32, "sana": 32, "zimage": 32}  # tiny resolutions (pipeline defaults are 512-1024)
+# the pipelines' guidance_scale for the toolkit's CFG scale 3 (FLUX: its guidance embedding; Z-Image: pos + w (pos - neg))
+PIPELINE_GUIDANCE = {"sd3": 3.0, "flux": 3.5, "sana": 3.0, "zimage": 2.0}
 PROMPT = "a photo of a cat"
 SEQ = 16  # T5 / Gemma prompt length: short keeps the tiny models fast
 
@@ -79,7 +82,7 @@ def test_adapter_x0_equals_the_pipelines_own_step(kind, tiny_dirs):
         latents = pack(x_t) if kind == "flux" else x_t
         out = pipe(PROMPT, sigmas=[float(schedule.unshift_time(torch.tensor(t, dtype=torch.float64)))],
                    latents=latents, height=px, width=px, output_type="latent", max_sequence_length=SEQ,
-                   guidance_scale=3.5 if kind == "flux" else scale, **_extra_call(kind)).images
+                   guidance_scale=PIPELINE_GUIDANCE[kind], **_extra_call(kind)).images
         assert abs(float(pipe.scheduler.sigmas[0]) - t) < 1e-6  # the pipeline visited the same time
         torch.testing.assert_close(ours, _latent_out(kind, out, parts.chw), atol=1e-5, rtol=0)
     assert (ours - x_t).abs().mean() > 1e-3  # the transformer did something
@@ -175,7 +178,7 @@ def test_export_card_reproduces_student_sampling(kind, tiny_dirs, tmp_path):
     torch.testing.assert_close(_latent_out(kind, got, models.sample_shape), ours, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("recipe", ["sd35_dmd2_4step", "flux_dmd2_lora", "sana_sid", "sana_lcm"])
+@pytest.mark.parametrize("recipe", ["sd35_dmd2_4step", "flux_dmd2_lora", "sana_sid", "sana_lcm", "zimage_dmd2"])
 def test_backbone_recipes_run_on_the_tiny_pipelines(recipe, tiny_dirs, tmp_path):
     """Each GPU recipe, pointed at the tiny pipeline of its family (sizes shrunk), builds and trains one step."""
     from distill.config import load_config
