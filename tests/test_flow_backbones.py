@@ -197,3 +197,60 @@ def test_backbone_recipes_run_on_the_tiny_pipelines(recipe, tiny_dirs, tmp_path)
         overrides += ["student.lora.rank=2", "fake_score.lora.rank=2"]
     _train(Path(f"recipes/{recipe}.yaml"), tmp_path / "run", *overrides)
     assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_kind_detection_and_one_line_errors(tiny_dirs):
+    from distill.models.backbones.common import adapter_module, detect_flow_kind, flow_kinds, load_flow_components
+    from distill.models.errors import ToolkitError
+
+    assert flow_kinds() == sorted(KINDS)
+    assert {detect_flow_kind(PIPELINES[k]) for k in KINDS} == set(KINDS)
+    assert detect_flow_kind("StableDiffusionXLPipeline") is None  # UNet pipelines keep their own loader
+    with pytest.raises(ToolkitError, match="unknown backbone kind"):
+        adapter_module("dit9000")
+    with pytest.raises(ToolkitError, match="block 7 does not exist"):
+        load_flow_components(tiny_dirs["sd3"], "sd3", gan_blocks=[7])
+    with pytest.raises(ToolkitError, match="no guidance embedding"):
+        from distill.models.backbones import flux
+
+        class NoEmbedding:
+            transformer = type("T", (), {"config": type("C", (), {"guidance_embeds": False})()})()
+
+        flux.Conditioner(NoEmbedding(), guidance_embedding=3.5)
+
+
+@pytest.mark.slow
+def test_flux_lora_student_exports_merged(tiny_dirs, tmp_path):
+    """A LoRA student (adapters on student and fake score) trains, and its export merges the adapter: the card's
+    call equals the toolkit's sampling of the LoRA student even with non-zero adapter weights."""
+    from distill.commands import load_run
+    from distill.models.backbones.common import export_flow_student
+    from distill.samplers import sample_student
+
+    recipe = _recipe("flux", tiny_dirs["flux"], "sid", tmp_path)
+    config = yaml.safe_load(recipe.read_text())
+    lora = {"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                          "add_v_proj", "to_add_out", "proj_mlp", "proj_out"]}
+    config["student"]["lora"] = lora
+    config["fake_score"] = {"lora": lora}
+    recipe.write_text(yaml.safe_dump(config))
+    _train(recipe, tmp_path / "run", "train.steps=2")
+    cfg, models = load_run(tmp_path / "run")
+    trainable = [n for n, p in models.student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # make the adapter matter
+        for n, p in models.student.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    export_flow_student(models, cfg, tmp_path / "export")
+    card = json.loads((tmp_path / "export" / "distill_student.json").read_text())
+    pipe = _pipe("flux", str(tmp_path / "export"))
+    torch.manual_seed(5)
+    got = pipe(PROMPT, output_type="latent", **card["call"]).images
+    cond = models.conditioner([PROMPT])
+    torch.manual_seed(5)
+    z = torch.randn(1, *models.sample_shape)
+    ours = sample_student(models.student, z, cond)
+    torch.testing.assert_close(_latent_out("flux", got, models.sample_shape), ours, atol=1e-4, rtol=0)
+    teacher = sample_student(models.teacher.denoiser, z, cond, timesteps=models.student.timesteps)
+    assert (teacher - ours).abs().max() > 1e-2  # the merged adapter changed the network
