@@ -88,7 +88,8 @@ def load_run(run: str | Path, use_ema: bool = True):
     from distill.engine import _load_trainable_state
 
     key = "student_ema" if use_ema and "student_ema" in weights else "student"
-    _load_trainable_state(models.student, weights[key])
+    # the EMA holds parameters only: float buffers (SD3's positional table) come from the raw student
+    _load_trainable_state(models.student, {**weights.get("student", {}), **weights[key]})
     models.student.eval()
     method_class(config.method["name"])  # validates the name
     return config, models

@@ -159,7 +159,7 @@ def test_export_card_reproduces_student_sampling(kind, tiny_dirs, tmp_path):
     timesteps = (1.0,) if kind == "flux" else (1.0, 0.5)
     recipe = _recipe(kind, tiny_dirs[kind], "sid", tmp_path, timesteps)
     run, out = tmp_path / "run", tmp_path / "export"
-    _train(recipe, run, "train.steps=2")
+    _train(recipe, run, "train.steps=2", "train.ema_decay=0.9")  # export and sampling use the EMA weights
     assert cli_main(["export", str(run), "--out", str(out)]) == 0
     card = json.loads((out / "distill_student.json").read_text())
     assert card["pipeline_class"] == PIPELINES[kind] and card["call"]["sigmas"] == list(timesteps)
