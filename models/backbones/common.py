@@ -85,6 +85,10 @@ class FlowTransformer(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, **cond) -> torch.Tensor:
         self._grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         self._collected = []
+        # embeddings may come from bf16 text encoders while this copy is fp32 (student, fake score): match it
+        dtype = x.dtype
+        cond = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in cond.items()}
         try:
             return self.call_transformer(x, timestep.to(torch.float32), **cond)
         finally:
@@ -229,7 +233,10 @@ def load_flow_components(folder: str, kind: str, dtype: torch.dtype = torch.floa
     schedule = flow_schedule(pipe.scheduler.config, seq, **(schedule_options or {}))
     backbone = module.Backbone(pipe.transformer, gan_blocks=gan_blocks)
     denoiser = Denoiser(backbone, schedule, "flow")
-    conditioner = module.Conditioner(pipe, **(conditioner_options or {}))
+    try:
+        conditioner = module.Conditioner(pipe, **(conditioner_options or {}))
+    except TypeError as err:  # an option another family takes (guidance_embedding is FLUX's)
+        raise ToolkitError(f"teacher options do not apply to {kind}: {err}") from None
     return FlowComponents(kind=kind, path=folder, pipe=pipe, vae=getattr(pipe, "vae", None),
                           scheduler_config=dict(pipe.scheduler.config), denoiser=denoiser, conditioner=conditioner,
                           chw=chw, resolution=res)
@@ -257,10 +264,18 @@ def load_flow_teacher(tcfg, device=None) -> FlowComponents | None:
         conditioner_options["max_sequence_length"] = tcfg.max_sequence_length
     if getattr(tcfg, "guidance_embedding", None) is not None:
         conditioner_options["guidance_embedding"] = tcfg.guidance_embedding
-    return load_flow_components(folder, kind, torch.float32, device or "cpu",
-                                resolution=tuple(tcfg.resolution) if tcfg.resolution else None,
-                                gan_blocks=getattr(tcfg, "gan_blocks", None), schedule_options=schedule_options,
-                                conditioner_options=conditioner_options)
+    # fp32 first: distill.build copies the trainable student / fake score from these weights, then casts the teacher
+    parts = load_flow_components(folder, kind, torch.float32, device or "cpu",
+                                 resolution=tuple(tcfg.resolution) if tcfg.resolution else None,
+                                 gan_blocks=getattr(tcfg, "gan_blocks", None), schedule_options=schedule_options,
+                                 conditioner_options=conditioner_options)
+    dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16}.get(str(tcfg.dtype))
+    if dtype is not None:  # frozen text encoders in the teacher's dtype (FLUX's T5-XXL is 19 GB in fp32)
+        for name, component in parts.pipe.components.items():
+            if name.startswith("text_encoder") and isinstance(component, nn.Module):
+                component.to(dtype)
+    return parts
 
 
 # ------------------------------------------------------------------------------------------ export
