@@ -24,7 +24,8 @@ KINDS = ["sd3", "flux", "sana", "zimage"]
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline",
              "zimage": "ZImagePipeline"}
 PIXELS = {"sd3": 32, "flux": 32, "sana": 32, "zimage": 32}  # tiny resolutions (pipeline defaults are 512-1024)
-# the pipelines' guidance_scale for the toolkit's CFG scale 3 (FLUX: its guidance embedding; Z-Image: pos + w (pos - neg))
+# the pipelines' guidance_scale for the toolkit's CFG scale 3
+# (FLUX: its guidance embedding; Z-Image: pos + w (pos - neg))
 PIPELINE_GUIDANCE = {"sd3": 3.0, "flux": 3.5, "sana": 3.0, "zimage": 2.0}
 PROMPT = "a photo of a cat"
 SEQ = 16  # T5 / Gemma prompt length: short keeps the tiny models fast

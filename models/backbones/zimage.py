@@ -64,7 +64,8 @@ class Conditioner:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> Cond:
         prompts = list(prompts)
-        pos, neg = self.pipe.encode_prompt(prompts, device=self.pipe._execution_device, do_classifier_free_guidance=True,
+        pos, neg = self.pipe.encode_prompt(prompts, device=self.pipe._execution_device,
+                                           do_classifier_free_guidance=True,
                                            negative_prompt=[self.negative_prompt] * len(prompts),
                                            max_sequence_length=self.max_sequence_length)
         return Cond(self._padded(pos), self._padded(neg))
