@@ -74,7 +74,9 @@ def _lora_spec(cfg: LoraConfig | None) -> LoraSpec | None:
 def _toy_denoiser(net: NetConfig, mixture, schedule) -> Denoiser:
     from distill.models.toy import ToyMLP, ToyUNet
 
-    time_scale = getattr(schedule, "num_train_timesteps", 1000) if schedule.discrete else 1.0
+    # the net's timestep is schedule.model_timestep(t): VP timesteps and flow's t * 1000 span 0..1000 (scale
+    # 1000), EDM passes sigma itself (scale 1)
+    time_scale = float(getattr(schedule, "num_train_timesteps", 1.0))
     if net.kind == "mlp":
         backbone = ToyMLP(mixture.dim, net.hidden, net.depth, mixture.num_classes, time_scale=time_scale)
     elif net.kind == "unet2d":
@@ -232,9 +234,12 @@ def _build_models(config: Config, need_fake_score: bool, device, text_encoders: 
                 add_lora(fake_denoiser.backbone, _lora_spec(config.fake_score.lora))
             fake = FakeScore(fake_denoiser)
         return Models(teacher, student, fake, mixture_conditioner(mixture), mixture, mixture.sample_shape)
-    if tcfg.kind in ("sdxl", "sd15", "auto"):
+    from distill.models.backbones.common import flow_kinds
+
+    if tcfg.kind in ("sdxl", "sd15", "auto", *flow_kinds()):
         return _build_diffusers_models(config, need_fake_score, device, text_encoders)
-    raise ToolkitError(f"unknown teacher kind {tcfg.kind!r}; expected gmm, sdxl, sd15 or auto")
+    raise ToolkitError(f"unknown teacher kind {tcfg.kind!r}; expected gmm, sdxl, sd15, auto or one of "
+                       f"{', '.join(flow_kinds())}")
 
 
 def image_size(resolution) -> tuple[int, int] | None:
@@ -254,11 +259,15 @@ def _build_diffusers_models(config: Config, need_fake_score: bool, device=None,
     tcfg = config.teacher
     if not tcfg.path:
         raise ToolkitError("teacher.path is required for diffusers teachers (a repo id or a pipeline folder)")
+    from distill.models.backbones.common import load_flow_teacher
+
     kind = "auto" if tcfg.kind == "auto" else tcfg.kind
     size = image_size(config.data.resolution)
     micro = tuple(tcfg.resolution) if tcfg.resolution else size  # SDXL add_time_ids: teacher.resolution overrides
-    parts = load_pipeline_components(tcfg.path, kind=kind, device=device or "cpu", uncond=tcfg.uncond,
-                                     resolution=micro, load_text_encoders=load_text_encoders)
+    parts = load_flow_teacher(tcfg, device)  # SD3 / FLUX / Sana transformers; None for UNet pipelines
+    if parts is None:
+        parts = load_pipeline_components(tcfg.path, kind=kind, device=device or "cpu", uncond=tcfg.uncond,
+                                         resolution=micro, load_text_encoders=load_text_encoders)
     base = parts.denoiser
     # LoRA roles are adapters on the teacher's one frozen base (roles.share_lora_base); full roles are fp32 copies
     lora = {"default": _lora_spec(config.student.lora)}

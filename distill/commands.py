@@ -134,7 +134,8 @@ def load_run(run: str | Path, use_ema: bool = True, device=None):
     from distill.engine import _load_trainable_state
 
     key = "student_ema" if use_ema and "student_ema" in weights else "student"
-    _load_trainable_state(models.student, weights[key])
+    # the EMA holds parameters only: float buffers (SD3's positional table) come from the raw student
+    _load_trainable_state(models.student, {**weights.get("student", {}), **weights[key]})
     models.student.eval()
     method_class(config.method["name"])  # validates the name
     return config, models
@@ -223,7 +224,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if models.pipeline is None:
         raise ToolkitError("export needs a diffusers teacher (sdxl / sd15); toy students are sampled with "
                            "`distill sample`")
-    out = export.export_student(models, config, args.out, fmt=args.format)
+    from distill.models.backbones.common import FlowComponents, export_flow_student
+
+    if isinstance(models.pipeline, FlowComponents):  # SD3 / FLUX / Sana: the adapter's own pipeline and scheduler
+        out = export_flow_student(models, config, args.out)
+    else:
+        out = export.export_student(models, config, args.out, fmt=args.format)
     print(f"exported to {out}")
     return 0
 

@@ -51,6 +51,11 @@ class TeacherConfig:
     schedule: dict = field(default_factory=lambda: {"kind": "vp"})  # gmm only; diffusers teachers use theirs
     resolution: list | None = None  # SDXL add_time_ids (pixels)
     uncond: str = "zeros"  # SDXL unconditional branch: zeros (DMD2) or empty prompt
+    # flow transformers (sd3 / flux / sana, models/backbones/): GAN-head block indices (default: the middle one),
+    # FLUX.1-dev's guidance embedding (used instead of CFG; default 3.5), the T5 / Gemma prompt length
+    gan_blocks: list | None = None
+    guidance_embedding: float | None = None
+    max_sequence_length: int | None = None
 
 
 @dataclass

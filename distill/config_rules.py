@@ -174,13 +174,24 @@ ALIASES = {("TrainConfig", "mixed_precision"): {False: "no"}}
 
 _WEIGHTINGS = ("native", "eps", "v", "flow", "x0", "edm")
 
+def _backbone_kinds() -> tuple[str, ...]:
+    """Teacher kinds served by an adapter file in ``distill.models.backbones`` (its module name), found without
+    importing the adapters (they import diffusers): a new backbone needs no edit here."""
+    import pkgutil
+
+    import distill.models.backbones as backbones
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(backbones.__path__)
+                        if m.name != "common" and not m.name.startswith("_")))
+
+
 #: class name -> field -> rule. None values (optional fields left unset) are not checked.
 #: Kinds that the build step dispatches on are listed here too: a new backbone or data format adds its name.
 RULES: dict[str, dict[str, Rule]] = {
     "NetConfig": {"kind": one_of("mlp", "unet2d"), "hidden": at_least(1), "depth": at_least(1),
                   "channels": each(at_least(1), non_empty=True),
                   "prediction_type": one_of("epsilon", "v_prediction", "sample", "flow", "eps", "v", "x0")},
-    "TeacherConfig": {"kind": one_of("gmm", "sdxl", "sd15", "auto"), "preset": _gmm_preset(),
+    "TeacherConfig": {"kind": one_of("gmm", "sdxl", "sd15", "auto", *_backbone_kinds()), "preset": _gmm_preset(),
                       "std": above(0), "stds": each(above(0), non_empty=True), "weights": each(at_least(0)),
                       "dtype": one_of("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
                       "resolution": each(at_least(8), length=2), "uncond": one_of("zeros", "empty"),

@@ -85,7 +85,11 @@ class _Turn:
 def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters and buffers: what changes during training (LoRA: the adapters only)."""
     state = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    state.update({n: b for n, b in module.named_buffers() if b is not None and b.is_floating_point()})
+    # non-persistent buffers are not state (a flow student's float timesteps buffer is rebuilt from the config)
+    transient = {f"{prefix}.{b}" if prefix else b for prefix, m in module.named_modules()
+                 for b in m._non_persistent_buffers_set}
+    state.update({n: b for n, b in module.named_buffers()
+                  if b is not None and b.is_floating_point() and n not in transient})
     return state
 
 

@@ -21,6 +21,7 @@ def decode_to_images(samples: torch.Tensor, models) -> torch.Tensor:
         require_finite(samples, "latents", "the student produced NaN or inf (check the checkpoint or lower --steps)")
         with torch.no_grad():
             latents = samples.to(vae.device, vae.dtype) / vae.config.scaling_factor
+            latents = latents + (getattr(vae.config, "shift_factor", None) or 0.0)  # SD3 / FLUX VAEs
             samples = vae.decode(latents).sample.float()
     require_finite(samples, "decoded images" if vae is not None else "samples",
                    "in half precision the VAE can overflow; decode in float32" if vae is not None else "")

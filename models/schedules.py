@@ -228,13 +228,29 @@ class VPSchedule(Schedule):
 class FlowSchedule(Schedule):
     """Rectified flow / flow matching: ``x_t = (1 - t) x0 + t eps``, ``t`` in [0, 1], velocity ``eps - x0``.
 
+    Training times are drawn in *unshifted* time ``u`` and mapped through the model's shift,
+    ``t = shift_time(u)``: ``"uniform"`` (``u ~ U``, i.e. uniform in shifted time; SD3.5 / FLUX / Sana
+    samplers use the same shift at inference) or ``"logit_normal"`` (``u = sigmoid(m + s n)``, SD3's
+    training density, Esser et al. 2024, Sec. 3.1, Eq. 19). Ranges (``sample_t``'s ``low``/``high``, a
+    method's ``time_range`` through :meth:`time_at`) are actual times ``t``, so a range ``[0.02, 0.98]`` of
+    fractions means ``u`` in ``[0.02, 0.98]``, the same units a VP schedule's timesteps 20..980 give.
+
     Args:
-        shift: timestep shift ``s`` applied to sampling times (SD3 uses 3.0).
+        shift: timestep shift ``s`` (SD3 3.0, Sana 3.0; FLUX's shift depends on the resolution and is
+            computed by its adapter, models/backbones/flux.py).
         num_train_timesteps: the backbone receives ``t * num_train_timesteps`` as its timestep.
+        time_distribution: ``"uniform"`` or ``"logit_normal"`` (in ``u``, before the shift).
+        logit_mean, logit_std: the logit-normal's ``m`` and ``s`` (SD3: 0 and 1).
     """
 
-    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000):
-        self.shift, self.num_train_timesteps = shift, num_train_timesteps
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, time_distribution: str = "uniform",
+                 logit_mean: float = 0.0, logit_std: float = 1.0):
+        if time_distribution not in ("uniform", "logit_normal"):
+            raise ValueError(f"time_distribution must be uniform or logit_normal, got {time_distribution!r}")
+        if shift <= 0 or logit_std <= 0:
+            raise ValueError(f"shift and logit_std must be positive (got shift={shift}, logit_std={logit_std})")
+        self.shift, self.num_train_timesteps = float(shift), num_train_timesteps
+        self.time_distribution, self.logit_mean, self.logit_std = time_distribution, logit_mean, logit_std
 
     def alpha_sigma(self, t):
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -245,11 +261,30 @@ class FlowSchedule(Schedule):
         s = self.shift
         return s * t / (1 + (s - 1) * t)
 
+    def unshift_time(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`shift_time`: ``u = t / (s - (s - 1) t)``."""
+        s = self.shift
+        return t / (s - (s - 1) * t)
+
+    def time_at(self, fraction: float) -> float:
+        """The shifted time at ``fraction`` of the unshifted range (``fraction`` 0.02 -> ``shift_time(0.02)``)."""
+        return float(self.shift_time(torch.tensor(float(fraction), dtype=torch.float64)))
+
     def sample_t(self, n, low=None, high=None, generator=None, device=None):
-        low = 0.0 if low is None else low
-        high = 1.0 if high is None else high
-        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-        return self.shift_time(low + (high - low) * u)
+        """Times in ``[low, high]`` (actual times): ``u`` uniform or logit-normal (truncated) on the unshifted
+        range, then :meth:`shift_time`."""
+        u_lo = 0.0 if low is None else float(self.unshift_time(torch.tensor(float(low), dtype=torch.float64)))
+        u_hi = 1.0 if high is None else float(self.unshift_time(torch.tensor(float(high), dtype=torch.float64)))
+        r = torch.rand(n, generator=generator, dtype=torch.float64)
+        if self.time_distribution == "uniform":
+            u = u_lo + (u_hi - u_lo) * r
+        else:  # inverse CDF of the logit-normal truncated to [u_lo, u_hi]
+            m, s = self.logit_mean, self.logit_std
+            ends = torch.tensor([u_lo, u_hi], dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+            p_lo, p_hi = torch.special.ndtr((torch.logit(ends) - m) / s).tolist()
+            p = (p_lo + (p_hi - p_lo) * r).clamp(1e-15, 1 - 1e-15)
+            u = torch.sigmoid(m + s * torch.special.ndtri(p)).clamp(u_lo, u_hi)
+        return self.shift_time(u).to(device)
 
     def t_from_edm_sigma(self, sigma_edm):
         sigma_edm = torch.as_tensor(sigma_edm, dtype=torch.float64)

@@ -10,7 +10,8 @@ models; this module follows their recipe (METHODS.md Sec. 6; reference: diffuser
 
 * **Skipping-step DDIM solver** (LCM Sec. 4.3): a grid of ``num_ddim_timesteps = 50`` times
   ``t = 19, 39, ..., 999`` (skip ``k = T // 50 = 20``). Per sample an index ``n`` is drawn, ``t_n`` is the
-  grid time and the target time is ``t_{n-k} = max(t_n - k, 0)``.
+  grid time and the target time is ``t_{n-k} = max(t_n - k, 0)``. On a flow-matching teacher (SD3, FLUX,
+  Sana) the grid is ``shift(n / N)``, ``n = 1..N``, with target ``shift((n - 1) / N)`` (down to clean data).
 * **Augmented PF-ODE with guidance** (LCM Eq. 9-11): the teacher takes one DDIM step (Song et al. 2021,
   Eq. 12) from ``x_{t_n}`` to ``t_{n-k}`` with classifier-free guidance in LCM's form
   ``x0 = x0_c + w (x0_c - x0_u)``, ``w ~ U[w_min, w_max]`` per sample. In this toolkit's ``guided``
@@ -66,7 +67,7 @@ from distill.methods.base import Batch, Method
 from distill.models.conditioning import Cond
 from distill.models.denoiser import Denoiser, _as_batch_times
 from distill.models.errors import ToolkitError
-from distill.models.schedules import expand_like, guidance_scale_embedding
+from distill.models.schedules import FlowSchedule, expand_like, guidance_scale_embedding
 
 
 # ---------------------------------------------------------------------------------------------- parameterisation
@@ -208,18 +209,27 @@ class ConsistencyDistillation(Method):
         if config.w_min > config.w_max:
             raise ToolkitError(f"method.w_min ({config.w_min}) must not exceed method.w_max ({config.w_max})")
         schedule = teacher.schedule
-        if not getattr(schedule, "discrete", False):
-            raise ToolkitError("consistency distillation here runs on the discrete DDPM/VP schedule (SD, SDXL, toys)")
+        flow = isinstance(schedule, FlowSchedule)
+        if not getattr(schedule, "discrete", False) and not flow:
+            raise ToolkitError("consistency distillation runs on the discrete DDPM/VP schedule (SD, SDXL, toys) or a "
+                               "flow-matching schedule (SD3, FLUX, Sana)")
         self.teacher, self.student, self.config = teacher, student, config
         self.prepare_student(student, config)
-        T = schedule.num_train_timesteps
-        self.skip = T // config.num_ddim_timesteps
-        # diffusers' DDIMSolver grid: (1..N) * k - 1 = 19, 39, ..., 999
-        self.grid = torch.arange(1, config.num_ddim_timesteps + 1, dtype=torch.long) * self.skip - 1
+        N = config.num_ddim_timesteps
+        if flow:
+            # flow teachers: N Euler intervals, uniform in unshifted time and mapped through the teacher's shift
+            # (the grid its own sampler uses), ending at t = 0 (clean)
+            u = torch.arange(0, N + 1, dtype=torch.float64) / N
+            self.grid, self.grid_prev = schedule.shift_time(u[1:]), schedule.shift_time(u[:-1])
+        else:
+            self.skip = schedule.num_train_timesteps // N
+            # diffusers' DDIMSolver grid: (1..N) * k - 1 = 19, 39, ..., 999
+            self.grid = torch.arange(1, N + 1, dtype=torch.long) * self.skip - 1
+            self.grid_prev = (self.grid - self.skip).clamp_min(0)
         self.index_cdf = self._index_cdf(schedule) if config.index_sampling == "lognormal" else None
         self.loss_weight = None
         if config.weighting == "ict":  # normalised to mean 1 over the grid
-            sigma = schedule.edm_sigma(self.grid) - schedule.edm_sigma((self.grid - self.skip).clamp_min(0))
+            sigma = schedule.edm_sigma(self.grid) - schedule.edm_sigma(self.grid_prev)
             self.loss_weight = (1.0 / sigma) / (1.0 / sigma).mean()
         target = config.target
         if target == "auto":
@@ -251,7 +261,7 @@ class ConsistencyDistillation(Method):
         """Cumulative iCT lognormal probabilities of the grid intervals ``(t_{n-k}, t_n]``."""
         c = self.config
         hi = schedule.edm_sigma(self.grid).log()
-        lo = schedule.edm_sigma((self.grid - self.skip).clamp_min(0)).log()
+        lo = schedule.edm_sigma(self.grid_prev).log()
         erf = lambda s: torch.erf((s - c.p_mean) / (math.sqrt(2.0) * c.p_std))  # noqa: E731
         p = (erf(hi) - erf(lo)).clamp_min(0)
         return (p / p.sum()).cumsum(0)
@@ -299,7 +309,7 @@ class ConsistencyDistillation(Method):
         w = (c.w_min + (c.w_max - c.w_min) * batch.rng.rand()).float()
         index = self.sample_index(batch)
         t_n = self.grid.to(device)[index]
-        t_prev = (t_n - self.skip).clamp_min(0)
+        t_prev = self.grid_prev.to(device)[index]
         x0 = self._start_data(batch, w)
         x_t = schedule.add_noise(x0, batch.rng.randn_like(x0), t_n)
 
