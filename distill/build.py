@@ -192,7 +192,7 @@ def build_models(config: Config, need_fake_score: bool = True, device=None) -> M
                 add_lora(fake_denoiser.backbone, _lora_spec(config.fake_score.lora))
             fake = FakeScore(fake_denoiser)
         return Models(teacher, student, fake, mixture_conditioner(mixture), mixture, mixture.sample_shape)
-    if tcfg.kind in ("sdxl", "sd15", "auto"):
+    if tcfg.kind in ("sdxl", "sd15", "unet2d", "auto"):
         return _build_diffusers_models(config, need_fake_score, device)
     raise ToolkitError(f"unknown teacher kind {tcfg.kind!r}; expected gmm, sdxl, sd15 or auto")
 
@@ -229,6 +229,17 @@ def build_data(config: Config, models: Models, with_real: bool = False):
             raise ToolkitError("data.kind toy needs a gmm teacher; use data.kind prompts for text-to-image")
         return ToySource(models.mixture, models.conditioner, dcfg.batch_size, config.train.seed, dcfg.class_labels,
                          with_real=with_real)
+    if dcfg.kind == "labels":  # class-conditional diffusers teacher (UNet2DModel pipeline)
+        from distill.data import LabelSource, load_labelled_images
+
+        if models.conditioner is None or not hasattr(models.conditioner, "num_classes"):
+            raise ToolkitError("data.kind labels needs a class-conditional teacher (a UNet2DModel with class labels)")
+        real = load_labelled_images(dcfg.real) if dcfg.real and with_real else None
+        if with_real and real is None:
+            raise ToolkitError("this method needs real data: set data.real (digits, or a .safetensors with images "
+                               "and labels)")
+        return LabelSource(models.conditioner, dcfg.batch_size, models.sample_shape, config.train.seed, real,
+                           dcfg.class_labels)
     if dcfg.kind == "prompts":
         if not dcfg.prompts:
             raise ToolkitError("data.prompts must name a prompt file (one prompt per line)")
@@ -237,7 +248,7 @@ def build_data(config: Config, models: Models, with_real: bool = False):
             real, real_prompts = load_real_latents(dcfg.real)
         return PromptSource(read_prompts(dcfg.prompts), models.conditioner, dcfg.batch_size, models.sample_shape,
                             config.train.seed, real, real_prompts)
-    raise ToolkitError(f"unknown data.kind {dcfg.kind!r}; expected toy or prompts")
+    raise ToolkitError(f"unknown data.kind {dcfg.kind!r}; expected toy, labels or prompts")
 
 
 def load_real_latents(path: str):

@@ -16,6 +16,7 @@ from distill.models.errors import ToolkitError
 COMMAND_MODULES = [
     "distill.commands",  # train, sample, export
     "distill.metrics.cli",  # fid, fid-stats, clip
+    "distill.demo",  # demo, pretrain-demo-teacher (sklearn digits)
 ]
 
 
