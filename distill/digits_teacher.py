@@ -29,9 +29,9 @@ from distill.digits_data import NUM_CLASSES, cache_root, load_digits_tensors
 
 @dataclass
 class DigitsTeacherConfig:
-    channels: list = field(default_factory=lambda: [32, 64])
+    channels: list = field(default_factory=lambda: [16, 32])
     layers_per_block: int = 1
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
     ema_decay: float = 0.998
