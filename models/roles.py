@@ -92,7 +92,8 @@ class Teacher(nn.Module):
 
     def __init__(self, denoiser: Denoiser, guidance_scale: float = 1.0, dtype: torch.dtype | None = None):
         super().__init__()
-        if dtype is not None and isinstance(denoiser.backbone, nn.Module):
+        # cast only when needed: diffusers models warn on every .to(dtype), even a no-op one
+        if dtype is not None and isinstance(denoiser.backbone, nn.Module) and denoiser.dtype != dtype:
             denoiser.backbone.to(dtype)
         denoiser.requires_grad_(False)
         denoiser.eval()
