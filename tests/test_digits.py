@@ -156,3 +156,7 @@ def test_short_demo_writes_the_report_with_every_field(tmp_path, tiny_teacher, c
     run = results["runs"]["dmd2"]
     assert (out / "exports" / "dmd2" / "model_index.json").is_file()
     assert run["checkpoint"].endswith("step_00000004")
+    # the run samples from the command line like any other (class label required)
+    assert main(["sample", run["run"], "--label", "3", "--n", "4", "--out", str(tmp_path / "threes")]) == 0
+    assert len(list((tmp_path / "threes").glob("*.png"))) == 4
+    assert main(["sample", run["run"], "--n", "4", "--out", str(tmp_path / "x")]) == 2  # no --label: one-line error
