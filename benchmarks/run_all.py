@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(result.stat().st_mtime))
         lines += [f"Machine: {info.get('machine', 'not recorded')}; measured {when}"
                   + (f", {info['seconds']:.0f} s, exit {info['exit']}" if "seconds" in info else ""), ""]
+        if info.get("note"):
+            lines += [f"Note: {info['note']}", ""]
         if bench.name == "digits" and (RESULTS / "digits" / "report.md").is_file():
             report = (RESULTS / "digits" / "report.md").read_text().split("## How good, how fast", 1)[-1]
             lines += [report.split("## Where things are")[0].strip(), ""]
