@@ -44,7 +44,7 @@ def save_figure(columns: dict[str, torch.Tensor], path: Path, per_class: int = 6
         rows = []
         for c in range(10):
             picked = images[labels == c][:per_class]
-            rows.append(torch.cat(list(torch.nn.functional.pad(picked, (1, 1, 1, 1), value=1.0)[:, 0]), dim=1))
+            rows.append(torch.cat(list(torch.nn.functional.pad(picked, (1, 1, 1, 1), value=0.0)[:, 0]), dim=1))  # white gaps
         ax.imshow(torch.cat(rows, dim=0).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=8)
         ax.set_xticks([])
