@@ -236,9 +236,9 @@ def _build_models(config: Config, need_fake_score: bool, device, text_encoders: 
         return Models(teacher, student, fake, mixture_conditioner(mixture), mixture, mixture.sample_shape)
     from distill.models.backbones.common import flow_kinds
 
-    if tcfg.kind in ("sdxl", "sd15", "auto", *flow_kinds()):
+    if tcfg.kind in ("sdxl", "sd15", "unet2d", "auto", *flow_kinds()):
         return _build_diffusers_models(config, need_fake_score, device, text_encoders)
-    raise ToolkitError(f"unknown teacher kind {tcfg.kind!r}; expected gmm, sdxl, sd15, auto or one of "
+    raise ToolkitError(f"unknown teacher kind {tcfg.kind!r}; expected gmm, sdxl, sd15, unet2d, auto or one of "
                        f"{', '.join(flow_kinds())}")
 
 
@@ -310,6 +310,17 @@ def build_data(config: Config, models: Models, with_real: bool = False):
             raise ToolkitError("data.kind toy needs a gmm teacher; use data.kind prompts for text-to-image")
         return ToySource(models.mixture, models.conditioner, dcfg.batch_size, config.train.seed, dcfg.class_labels,
                          with_real=with_real)
+    if dcfg.kind == "labels":  # class-conditional diffusers teacher (UNet2DModel pipeline)
+        from distill.data import LabelSource, load_labelled_images
+
+        if models.conditioner is None or not hasattr(models.conditioner, "num_classes"):
+            raise ToolkitError("data.kind labels needs a class-conditional teacher (a UNet2DModel with class labels)")
+        real = load_labelled_images(dcfg.real) if dcfg.real and with_real else None
+        if with_real and real is None:
+            raise ToolkitError("this method needs real data: set data.real (digits, or a .safetensors with images "
+                               "and labels)")
+        return LabelSource(models.conditioner, dcfg.batch_size, models.sample_shape, config.train.seed, real,
+                           dcfg.class_labels)
     if dcfg.kind == "prompts":
         from distill.datasets import prompt_set, real_set
 
@@ -329,7 +340,7 @@ def build_data(config: Config, models: Models, with_real: bool = False):
                                    f"{list(models.sample_shape)} (encode the images at data.resolution)")
         return PromptSource(prompts, models.conditioner, dcfg.batch_size, models.sample_shape, config.train.seed,
                             real)
-    raise ToolkitError(f"unknown data.kind {dcfg.kind!r}; expected toy or prompts")
+    raise ToolkitError(f"unknown data.kind {dcfg.kind!r}; expected toy, labels or prompts")
 
 
 def needs_text_encoders(config: Config) -> bool:

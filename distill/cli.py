@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "distill.plan",  # plan
 
     "distill.encode",  # encode-prompts, encode-latents
+
+    "distill.demo",  # demo, pretrain-demo-teacher (sklearn digits)
 ]
 
 

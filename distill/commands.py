@@ -208,6 +208,11 @@ def _sample_cond(models, args):
         if not 0 <= args.label < models.mixture.num_classes:
             raise ToolkitError(f"--label must be in 0..{models.mixture.num_classes - 1}")
         return lambda n: models.conditioner(torch.full((n,), args.label))
+    num_classes = getattr(models.conditioner, "num_classes", None)
+    if num_classes is not None:  # class-conditional diffusers teacher (UNet2DModel, e.g. the digits)
+        if args.label is None or not 0 <= args.label < num_classes:
+            raise ToolkitError(f"this student is class-conditional: pass --label (0..{num_classes - 1})")
+        return lambda n: models.conditioner(torch.full((n,), args.label))
     if args.prompt is None:
         raise ToolkitError("text-to-image students need --prompt")
     return lambda n: models.conditioner([args.prompt] * n)

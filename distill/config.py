@@ -36,7 +36,7 @@ class NetConfig:
 
 @dataclass
 class TeacherConfig:
-    """``kind``: ``gmm`` (analytic mixture: ``preset`` or explicit parameters), ``sdxl``, ``sd15``, ``auto``."""
+    """``kind``: ``gmm`` (analytic mixture: ``preset`` or explicit parameters), ``sdxl``, ``sd15``, ``unet2d``, ``auto``."""
 
     kind: str = "gmm"
     preset: str | None = None
@@ -101,7 +101,8 @@ class FakeScoreConfig:
 
 @dataclass
 class DataConfig:
-    """``kind``: ``toy`` (noise + labels; real samples from the mixture) or ``prompts`` (text file)."""
+    """``kind``: ``toy`` (noise + labels; real samples from the mixture), ``labels`` (class-conditional diffusers
+    teacher; ``real``: ``digits`` or a .safetensors with images and labels) or ``prompts`` (text file)."""
 
     kind: str = "toy"
     batch_size: int = 256

@@ -84,3 +84,56 @@ class PromptSource:
             real, real_cond = self.real.get(self._indices(step, rows, len(self.real)))
             real, real_cond = real.to(device), real_cond.to(device)
         return Batch(noise=noise, cond=cond, rng=rng, real=real, real_cond=real_cond)
+
+
+class LabelSource:
+    """Noise and uniform class labels for a class-conditional diffusers teacher (a ``UNet2DModel`` pipeline).
+
+    Args:
+        conditioner: a :class:`~models.conditioning.ClassConditioner` (labels -> ``class_labels`` Cond).
+        sample_shape: one generator input, e.g. (1, 8, 8) for the digits.
+        real: optional ``(images [N, *sample_shape], labels [N])`` of real data (DMD2's GAN, consistency's
+            ``data_source: real``); each step draws a batch of them uniformly, labels paired.
+        class_labels: restrict the labels drawn (default: all classes).
+    """
+
+    def __init__(self, conditioner, batch_size: int, sample_shape: Sequence[int], seed: int = 0,
+                 real: tuple[torch.Tensor, torch.Tensor] | None = None, class_labels: Sequence[int] | None = None):
+        self.conditioner, self.global_batch_size = conditioner, batch_size
+        self.sample_shape, self.seed, self.real = tuple(sample_shape), seed, real
+        classes = class_labels if class_labels is not None else range(conditioner.num_classes)
+        self.classes = torch.as_tensor(list(classes), dtype=torch.long)
+        if real is not None and tuple(real[0].shape[1:]) != self.sample_shape:
+            raise ToolkitError(f"real data has samples of shape {tuple(real[0].shape[1:])}, the teacher generates "
+                               f"{self.sample_shape}")
+
+    def __call__(self, step: int, rows: slice, device) -> Batch:
+        rng = BatchRNG(self.seed, step, self.global_batch_size, rows, device)
+        noise = rng.fork(_DATA_STREAM).randn(*self.sample_shape)
+        labels = self.classes[rng.fork(_DATA_STREAM + 1).randint(0, len(self.classes)).cpu()]
+        cond = self.conditioner(labels).to(device)
+        real = real_cond = None
+        if self.real is not None:
+            idx = rng.fork(_DATA_STREAM + 2).randint(0, len(self.real[0])).cpu()
+            real = self.real[0][idx].to(device)
+            real_cond = self.conditioner(self.real[1][idx]).to(device)
+        return Batch(noise=noise, cond=cond, rng=rng, real=real, real_cond=real_cond)
+
+
+def load_labelled_images(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images with labels: ``digits`` (scikit-learn's, [-1, 1]) or a ``.safetensors`` with ``images``
+    (or ``latents``) ``[N, C, H, W]`` and ``labels`` ``[N]``."""
+    if spec == "digits":
+        from distill.digits_data import load_digits_tensors
+
+        return load_digits_tensors()
+    from safetensors.torch import load_file
+
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ToolkitError(f"real data not found: {path} (a .safetensors with 'images' and 'labels', or 'digits')")
+    tensors = load_file(str(path))
+    images = tensors.get("images", tensors.get("latents"))
+    if images is None or "labels" not in tensors:
+        raise ToolkitError(f"{path} needs 'images' (or 'latents') and 'labels' tensors (found: {', '.join(tensors)})")
+    return images.float(), tensors["labels"].long()

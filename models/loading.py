@@ -22,7 +22,7 @@ from distill.models.errors import ToolkitError
 from distill.models.schedules import VPSchedule, canonical_prediction_type
 
 PIPELINE_LAYOUT = "a diffusers pipeline folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
-KINDS = ("sdxl", "sd15")
+KINDS = ("sdxl", "sd15", "unet2d")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 #: weight file names, preferred first (``{v}`` is ``.variant`` or empty)
@@ -109,7 +109,7 @@ def resolve_pipeline_dir(path_or_repo: str | os.PathLike, *, variant: str | None
     Only the files the pipeline needs are fetched (``DiffusionPipeline.download``). ``HF_HUB_OFFLINE=1``
     or ``local_files_only=True`` use the cache only.
     """
-    path = os.fspath(path_or_repo)
+    path = os.path.expanduser(os.fspath(path_or_repo))  # recipes may name ~/.cache/distill/...
     if os.path.isdir(path):
         return os.path.abspath(path)
     if os.path.exists(path):
@@ -141,8 +141,12 @@ def _model_index(folder: str) -> dict:
 
 
 def detect_kind(folder: str) -> str:
-    """``"sdxl"`` or ``"sd15"`` from ``model_index.json`` (its ``_class_name`` and components)."""
+    """``"sdxl"``, ``"sd15"`` or ``"unet2d"`` from ``model_index.json`` (its ``_class_name`` and components)."""
+    from distill.models.backbones.unet2d import is_unet2d_pipeline
+
     index = _model_index(folder)
+    if is_unet2d_pipeline(index):
+        return "unet2d"
     name = str(index.get("_class_name", ""))
     if "XL" in name or index.get("text_encoder_2", [None])[0] is not None:
         return "sdxl"
@@ -248,6 +252,10 @@ def load_pipeline_components(path_or_repo: str | os.PathLike, kind: str = "auto"
         kind = detect_kind(folder)
     if kind not in KINDS:
         raise ToolkitError(f"unknown model kind {kind!r}; expected 'auto' or one of {KINDS}")
+    if kind == "unet2d":  # pixel-space UNet2DModel (no VAE, class labels): its own adapter
+        from distill.models.backbones.unet2d import load_unet2d_components
+
+        return load_unet2d_components(folder, dtype, device, variant)
     sdxl = kind == "sdxl"
     encoders = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
     tokenizer_dirs = ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",)

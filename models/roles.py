@@ -75,7 +75,10 @@ def has_lora(module: nn.Module) -> bool:
 
 def trainable_copy(denoiser: Denoiser, dtype: torch.dtype = torch.float32) -> Denoiser:
     """A trainable copy of a denoiser (the teacher's weights) in ``dtype`` (fp32 for optimisation)."""
-    backbone = copy.deepcopy(denoiser.backbone).to(dtype)
+    backbone = copy.deepcopy(denoiser.backbone)
+    # diffusers models warn on every .to(dtype), even a no-op one: cast only when some tensor differs
+    if any(t.is_floating_point() and t.dtype != dtype for t in backbone.state_dict().values()):
+        backbone = backbone.to(dtype)
     backbone.requires_grad_(True)
     backbone.train()
     return Denoiser(backbone, denoiser.schedule, denoiser.prediction_type)
@@ -92,7 +95,9 @@ class Teacher(nn.Module):
 
     def __init__(self, denoiser: Denoiser, guidance_scale: float = 1.0, dtype: torch.dtype | None = None):
         super().__init__()
-        if dtype is not None and isinstance(denoiser.backbone, nn.Module):
+        # cast only when needed: diffusers models warn on every .to(dtype), even a no-op one
+        if dtype is not None and isinstance(denoiser.backbone, nn.Module) and any(
+                t.is_floating_point() and t.dtype != dtype for t in denoiser.backbone.state_dict().values()):
             denoiser.backbone.to(dtype)
         denoiser.requires_grad_(False)
         denoiser.eval()
