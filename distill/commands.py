@@ -184,17 +184,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _is_text_to_image(folder: str) -> bool:
-    """An exported folder (it has a student card) or a run whose teacher is a diffusers pipeline."""
+    """An exported text-to-image folder (a student card of a prompt-conditioned kind) or a run trained on prompts
+    (class-conditional pixel students, ``data.kind: labels``, sample with ``--label``)."""
+    import json
+
     from distill.models.cards import STUDENT_CARD
 
     folder = Path(folder)
     if (folder / STUDENT_CARD).is_file():
-        return True
+        return json.loads((folder / STUDENT_CARD).read_text()).get("kind") != "unet2d"
     if not (folder / "config.yaml").is_file():
         return False
     from distill.config import load_config
 
-    return load_config(folder / "config.yaml").teacher.kind != "gmm"
+    return load_config(folder / "config.yaml").data.kind == "prompts"
 
 
 def _sample_cond(models, args):

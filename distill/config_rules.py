@@ -202,7 +202,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "StudentConfig": {"timesteps": each(at_least(0), non_empty=True), "noise_scale": one_of("unit", "sigma"),
                       "time_cond_proj_dim": at_least(1), "init": one_of("fresh", "teacher")},
     "FakeScoreConfig": {"init": one_of("teacher", "fresh")},
-    "DataConfig": {"kind": one_of("toy", "prompts"), "batch_size": at_least(1),
+    "DataConfig": {"kind": one_of("toy", "prompts", "labels"), "batch_size": at_least(1),
                    "class_labels": each(at_least(0), non_empty=True)},
     "OptimConfig": {"lr": above(0), "betas": each(between(0, 1, hi_open=True), length=2),
                     "weight_decay": at_least(0), "eps": above(0), "warmup_steps": at_least(0),

@@ -110,11 +110,12 @@ class LabelSource:
     def __call__(self, step: int, rows: slice, device) -> Batch:
         rng = BatchRNG(self.seed, step, self.global_batch_size, rows, device)
         noise = rng.fork(_DATA_STREAM).randn(*self.sample_shape)
-        labels = self.classes[rng.fork(_DATA_STREAM + 1).randint(0, len(self.classes)).cpu()]
+        host = BatchRNG(self.seed, step, self.global_batch_size, rows)  # same draws, kept on the host: they index
+        labels = self.classes[host.fork(_DATA_STREAM + 1).randint(0, len(self.classes))]  # host tensors
         cond = self.conditioner(labels).to(device)
         real = real_cond = None
         if self.real is not None:
-            idx = rng.fork(_DATA_STREAM + 2).randint(0, len(self.real[0])).cpu()
+            idx = host.fork(_DATA_STREAM + 2).randint(0, len(self.real[0]))
             real = self.real[0][idx].to(device)
             real_cond = self.conditioner(self.real[1][idx]).to(device)
         return Batch(noise=noise, cond=cond, rng=rng, real=real, real_cond=real_cond)

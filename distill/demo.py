@@ -93,8 +93,16 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def _command(argv: list[str]) -> int:
+    """Run one ``distill`` command (parsed by the CLI's own parser) and return its exit code."""
+    from distill.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from distill.commands import cmd_export, cmd_train, load_run
+    from distill.commands import load_run
     from distill.demo_report import Row, save_figure, write_report
     from distill.digits_teacher import ensure_digits_teacher
     from distill.metrics.digits import digits_report, load_digits_classifier, two_sample_floor
@@ -148,11 +156,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         recipe, label = METHODS[method]
         run_dir, export_dir = out / "runs" / method, out / "exports" / method
         overrides = [f"teacher.path={teacher_dir}", *args.overrides]
-        _, seconds = _timed(lambda: cmd_train(argparse.Namespace(
-            config=str(RECIPES_DIR / recipe), out=str(run_dir), resume="auto", no_progress=not progress,
-            overrides=overrides)))
+        # through the CLI's own parser, so every option keeps its default and its checks
+        train_args = ["train", str(RECIPES_DIR / recipe), *overrides, "--out", str(run_dir),
+                      *([] if progress else ["--no-progress"])]
+        code, seconds = _timed(lambda: _command(train_args))
+        if code:
+            return code  # interrupted (130 / 143: the run resumes when the demo is run again) or refused
         train_seconds += seconds
-        cmd_export(argparse.Namespace(run=str(run_dir), out=str(export_dir), no_ema=False))
+        code = _command(["export", str(run_dir), "--out", str(export_dir)])
+        if code:
+            return code
         config, models = load_run(run_dir)
         student = models.student
         t_eval = time.perf_counter()

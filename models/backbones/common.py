@@ -8,8 +8,9 @@ A backbone family is one module in this package (``sd3.py``, ``flux.py``, ``sana
   masks, guidance embedding) and returns the flow velocity in the toolkit's ``[B, C, H, W]`` latent layout;
 * ``Conditioner``: prompts -> :class:`~distill.models.conditioning.Cond` through the pipeline's own
   ``encode_prompt`` (conditional branch, and the negative-prompt branch for CFG);
-* ``latent_chw(pipe, resolution)`` and, where the shift depends on the resolution (FLUX),
-  ``image_seq_len(chw)``.
+* optionally ``default_resolution(pipe)`` and ``latent_chw(pipe, resolution)`` where they differ from
+  :func:`default_resolution` / :func:`latent_chw` here (FLUX and Z-Image pack 2x2 patches), and, where the
+  shift depends on the resolution (FLUX), ``image_seq_len(chw)``.
 
 :func:`load_flow_components` and :func:`export_flow_student` work for every such module, found by name
 (``teacher.kind``) or by scanning the package (``auto``), so a new family needs no edit here.
@@ -112,6 +113,18 @@ def adapter_module(kind: str):
     return module
 
 
+def default_resolution(pipe) -> tuple[int, int]:
+    """Image (height, width) in pixels the pipeline makes by default: the transformer's ``sample_size`` latents."""
+    size = int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
+    return size, size
+
+
+def latent_chw(pipe, resolution) -> tuple[int, int, int]:
+    """Latent (channels, height, width) of an image of ``resolution`` (pixels): one latent pixel per VAE factor."""
+    f = int(pipe.vae_scale_factor)
+    return int(pipe.transformer.config.in_channels), resolution[0] // f, resolution[1] // f
+
+
 def flow_kinds() -> list[str]:
     """Names of the adapter modules in this package (those that define ``PIPELINE_CLASS``)."""
     import distill.models.backbones as pkg
@@ -185,6 +198,11 @@ class FlowComponents:
     resolution: tuple[int, int]
     extras: dict = field(default_factory=dict)
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per VAE latent pixel (8 for SD3 / FLUX; Sana's DC-AE 32), as the pipeline computes it."""
+        return int(self.pipe.vae_scale_factor)
+
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, *self.chw)
 
@@ -225,10 +243,10 @@ def load_flow_components(folder: str, kind: str, dtype: torch.dtype = torch.floa
         if isinstance(component, nn.Module):
             component.eval().requires_grad_(False)
     if resolution is None:
-        res = module.default_resolution(pipe)
+        res = getattr(module, "default_resolution", default_resolution)(pipe)
     else:
         res = (int(resolution), int(resolution)) if isinstance(resolution, int) else tuple(int(r) for r in resolution)
-    chw = module.latent_chw(pipe, res)
+    chw = getattr(module, "latent_chw", latent_chw)(pipe, res)
     seq = getattr(module, "image_seq_len", lambda c: None)(chw)
     schedule = flow_schedule(pipe.scheduler.config, seq, **(schedule_options or {}))
     backbone = module.Backbone(pipe.transformer, gan_blocks=gan_blocks)
@@ -311,13 +329,16 @@ def export_flow_student(models, config, out_dir: str | os.PathLike, dtype: torch
     if times[0] != 1.0:
         raise ToolkitError(f"export needs the student's first time to be 1.0 (pure noise), got {times[0]}")
     backbone = student.denoiser.backbone
+    # a LoRA student is an adapter on the teacher's shared base (models.roles.AdapterView): fuse only its own
+    adapter = getattr(backbone, "adapter", None) or "default"
+    backbone = getattr(backbone, "backbone", backbone)
     transformer = backbone.transformer
     if any("lora_" in n for n, _ in transformer.named_parameters()):
         import copy
 
         transformer = copy.deepcopy(transformer)
         if hasattr(transformer, "fuse_lora"):
-            transformer.fuse_lora()
+            transformer.fuse_lora(adapter_names=[adapter])
             transformer.unload_lora()
         else:
             raise ToolkitError("cannot merge this LoRA student's adapter for export")

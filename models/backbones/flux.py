@@ -94,17 +94,13 @@ class Conditioner:
         return Cond(self._encode(prompts), self._encode([self.negative_prompt] * len(prompts)))
 
 
-def vae_scale_factor(pipe) -> int:
-    return int(pipe.vae_scale_factor)
-
-
 def default_resolution(pipe) -> tuple[int, int]:
-    size = int(pipe.default_sample_size) * vae_scale_factor(pipe)
+    size = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
     return size, size
 
 
 def latent_chw(pipe, resolution) -> tuple[int, int, int]:
-    f = 2 * vae_scale_factor(pipe)
+    f = 2 * int(pipe.vae_scale_factor)
     if resolution[0] % f or resolution[1] % f:
         raise ToolkitError(f"FLUX images must divide by {f} (VAE factor x 2x2 packing), got {resolution}")
     return int(pipe.transformer.config.in_channels) // 4, 2 * (resolution[0] // f), 2 * (resolution[1] // f)

@@ -63,20 +63,6 @@ class Conditioner:
                     {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask})
 
 
-def vae_scale_factor(pipe) -> int:
-    return int(pipe.vae_scale_factor)
-
-
-def default_resolution(pipe) -> tuple[int, int]:
-    size = int(pipe.transformer.config.sample_size) * vae_scale_factor(pipe)
-    return size, size
-
-
-def latent_chw(pipe, resolution) -> tuple[int, int, int]:
-    f = vae_scale_factor(pipe)
-    return int(pipe.transformer.config.in_channels), resolution[0] // f, resolution[1] // f
-
-
 def card_call_kwargs(conditioner) -> dict:
     return {"guidance_scale": 1.0, "max_sequence_length": conditioner.max_sequence_length, "clean_caption": False,
             "use_resolution_binning": False}

@@ -54,20 +54,6 @@ class Conditioner:
                     {"encoder_hidden_states": neg, "pooled_projections": neg_pooled})
 
 
-def vae_scale_factor(pipe) -> int:
-    return int(pipe.vae_scale_factor)
-
-
-def default_resolution(pipe) -> tuple[int, int]:
-    size = int(pipe.transformer.config.sample_size) * vae_scale_factor(pipe)
-    return size, size
-
-
-def latent_chw(pipe, resolution) -> tuple[int, int, int]:
-    f = vae_scale_factor(pipe)
-    return int(pipe.transformer.config.in_channels), resolution[0] // f, resolution[1] // f
-
-
 def card_call_kwargs(conditioner) -> dict:
     """The student is unguided: ``guidance_scale = 1`` turns the pipeline's CFG off."""
     return {"guidance_scale": 1.0, "max_sequence_length": conditioner.max_sequence_length}

@@ -71,16 +71,12 @@ class Conditioner:
         return Cond(self._padded(pos), self._padded(neg))
 
 
-def vae_scale_factor(pipe) -> int:
-    return int(pipe.vae_scale_factor)
-
-
 def default_resolution(pipe) -> tuple[int, int]:
     return 1024, 1024  # ZImagePipeline.__call__'s default height / width
 
 
 def latent_chw(pipe, resolution) -> tuple[int, int, int]:
-    f = 2 * vae_scale_factor(pipe)
+    f = 2 * int(pipe.vae_scale_factor)
     return int(pipe.transformer.config.in_channels), 2 * (resolution[0] // f), 2 * (resolution[1] // f)
 
 
