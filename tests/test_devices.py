@@ -13,6 +13,7 @@ is covered by its use of the same ``build_run(device=...)``.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,12 @@ from distill.engine import build_optimizer
 #: which meta cannot compute; on CUDA it is a host sync, not a device error), so its recipe is built on the CPU
 #: by tests/test_flow_backbones.py instead.
 _META_UNSUPPORTED = {"zimage_dmd2"}
+#: ``DISTILL_TEST_DEVICE=cuda`` runs the same checks for real on a GPU (benchmarks/gpu_check.sh does)
+META = torch.device(os.environ.get("DISTILL_TEST_DEVICE", "meta"))
+if META.type == "cuda" and META.index is None:
+    META = torch.device("cuda", 0)  # tensors report cuda:0; compare like with like
 RECIPES = sorted(r for r in Path(__file__).resolve().parents[1].glob("recipes/*.yaml")
-                 if r.stem not in _META_UNSUPPORTED)
-META = torch.device("meta")
+                 if META.type != "meta" or r.stem not in _META_UNSUPPORTED)
 #: kernels that do the real work of a network: none of them may run on the CPU in a device run
 _COMPUTE = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product", "native_group_norm",
             "native_layer_norm", "linear", "matmul")
@@ -84,8 +88,8 @@ def _overrides(recipe: Path, tiny_dirs: dict, tmp: Path) -> list[str]:
     if config.teacher.kind != "gmm":
         out += [f"teacher.path={_tiny_teacher(config, tiny_dirs, tmp)}", "teacher.resolution=null",
                 "data.resolution=null", "data.batch_size=2"]
-        if config.teacher.kind in _FLOW_BUILDERS:
-            out.append("teacher.gan_blocks=null")
+        if config.teacher.kind in _FLOW_BUILDERS:  # tiny transformers' RoPE tables cover 32 px, not 1024
+            out += ["teacher.gan_blocks=null", "teacher.resolution=[32,32]"]
             if config.method["name"] in ("dmd2", "esd"):  # (no real latents of these shapes here)
                 out += ["method.gan_generator_weight=0", "method.gan_discriminator_weight=0"]
         if config.data.kind == "prompts":

@@ -255,3 +255,14 @@ def test_flux_lora_student_exports_merged(tiny_dirs, tmp_path):
     torch.testing.assert_close(_latent_out("flux", got, models.sample_shape), ours, atol=1e-4, rtol=0)
     teacher = sample_student(models.teacher.denoiser, z, cond, timesteps=models.student.timesteps)
     assert (teacher - ours).abs().max() > 1e-2  # the merged adapter changed the network
+
+
+def test_zimage_resolution_past_the_rope_table_is_a_one_line_error(tiny_dirs):
+    """On a GPU such a resolution was a device-side assert in an index kernel (seen on an H200); now it is
+    refused where the latent shape is computed."""
+    from distill.models.backbones.common import load_flow_components
+    from distill.models.errors import ToolkitError
+
+    assert load_flow_components(tiny_dirs["zimage"], "zimage", resolution=32).chw[0] > 0
+    with pytest.raises(ToolkitError, match="RoPE table"):
+        load_flow_components(tiny_dirs["zimage"], "zimage", resolution=1024)

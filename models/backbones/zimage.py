@@ -20,6 +20,7 @@ import torch
 
 from distill.models.backbones.common import FlowTransformer
 from distill.models.conditioning import Cond
+from distill.models.errors import ToolkitError
 
 PIPELINE_CLASS = "ZImagePipeline"
 PIPELINE_CLASS_NAMES = ("ZImagePipeline",)
@@ -76,8 +77,18 @@ def default_resolution(pipe) -> tuple[int, int]:
 
 
 def latent_chw(pipe, resolution) -> tuple[int, int, int]:
+    """Latent ``(C, H, W)`` for ``resolution`` pixels.
+
+    Raises ToolkitError when the token grid is past the transformer's RoPE table (``axes_lens``): on a GPU
+    that would otherwise be a device-side assert in an index kernel, far from its cause."""
     f = 2 * int(pipe.vae_scale_factor)
-    return int(pipe.transformer.config.in_channels), 2 * (resolution[0] // f), 2 * (resolution[1] // f)
+    h, w = 2 * (resolution[0] // f), 2 * (resolution[1] // f)
+    lens = getattr(pipe.transformer.config, "axes_lens", None)
+    if lens is not None and (h // Backbone.patch_size > lens[1] or w // Backbone.patch_size > lens[2]):
+        raise ToolkitError(f"resolution {list(resolution)} gives a {h // Backbone.patch_size}x"
+                           f"{w // Backbone.patch_size} token grid, past this transformer's RoPE table "
+                           f"(axes_lens {list(lens)}): set teacher.resolution lower")
+    return int(pipe.transformer.config.in_channels), h, w
 
 
 def image_seq_len(chw) -> int:
