@@ -24,8 +24,16 @@ COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own refusals (``--n abc``, a missing required option) as one ``error:`` line and exit 2, like every
+    other user error, instead of a usage block; subcommand parsers inherit this class."""
+
+    def error(self, message: str):
+        raise ToolkitError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="distill", description="Distil diffusion models into one-step generators and evaluate them."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,14 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # argparse cannot take positionals (the key=value overrides of `train`) after options such as --out:
-    # collect such leftovers into the command's ``overrides`` instead of rejecting them
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides += extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        # argparse cannot take positionals (the key=value overrides of `train`) after options such as --out:
+        # collect such leftovers into the command's ``overrides`` instead of rejecting them
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            overrides = isinstance(getattr(args, "overrides", None), list)
+            if overrides and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides += extra
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except ToolkitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -42,13 +42,13 @@ def build_eval_fn(config: Config) -> Callable[[object], EvalFn] | None:
                            "or an image folder")
     prompts = None
     image_student = config.teacher.kind != "gmm"
-    if image_student:
+    if image_student and config.data.kind != "labels":  # class-conditional pixel students (digits) draw uniform labels
         prompts = read_prompts(cfg.prompts or config.data.prompts or "")
         if "diversity" in cfg.metrics and cfg.n <= len(prompts):
             raise ToolkitError(f"train.eval.metrics: diversity needs train.eval.n ({cfg.n}) above the number of "
                                f"prompts ({len(prompts)}): several seeds per prompt")
     elif "clip" in cfg.metrics:
-        raise ToolkitError("train.eval.metrics: clip needs a text-to-image student")
+        raise ToolkitError("train.eval.metrics: clip needs a text-to-image student (prompts)")
     evaluator = Evaluator(list(cfg.metrics), cfg.ref, inception=cfg.inception, fid_features=cfg.features,
                           clip_name=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, batch_size=cfg.batch_size,
                           cache_dir="default", progress=False)
@@ -59,7 +59,7 @@ def build_eval_fn(config: Config) -> Callable[[object], EvalFn] | None:
 def _eval_fn(models, evaluator, cfg, prompts, image_student: bool) -> EvalFn:
     def eval_fn(step: int) -> dict:
         from distill.metrics.eval_loop import process_group, shard_batches
-        from distill.metrics.sources import to_uint8
+        from distill.metrics.sources import as_rgb_nchw, to_uint8
         from distill.sample_grids import decode_to_images
         from distill.samplers import sample_student
 
@@ -80,10 +80,14 @@ def _eval_fn(models, evaluator, cfg, prompts, image_student: bool) -> EvalFn:
                     cond = models.conditioner(batch_prompts).to(device)
                 elif models.mixture is not None and models.conditioner is not None:
                     cond = models.conditioner(torch.tensor(list(indices)) % models.mixture.num_classes).to(device)
+                elif getattr(models.conditioner, "num_classes", None):  # a class-conditional UNet2DModel (digits)
+                    cond = models.conditioner(torch.tensor(list(indices)) % models.conditioner.num_classes).to(device)
                 else:
                     cond = None
                 x = sample_student(student, z, cond, generator=torch.Generator(device).manual_seed(indices[0]))
-                samples = to_uint8(decode_to_images(x.float(), models), (0, 1)) if image_student else x.float()
+                samples = x.float()
+                if image_student:  # quantised as `distill eval` does; grey (digits) repeated to RGB
+                    samples = as_rgb_nchw(to_uint8(decode_to_images(samples, models), (0, 1)))
                 yield list(indices), samples, batch_prompts
 
         try:

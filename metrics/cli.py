@@ -147,9 +147,15 @@ def run_clip(args: argparse.Namespace) -> int:
 
 
 def run_coco_ref(args: argparse.Namespace) -> int:
+    from distill import cli_checks
+    from distill.metrics._util import check_int
     from distill.metrics.coco import make_coco_reference
 
     _check_run_options(args)
+    for option, value, lo in (("--n", args.n, 2), ("--resolution", args.resolution, 16), ("--seed", args.seed, 0),
+                              ("--threads", args.threads, 1)):
+        check_int(value, option, lo)  # named as on the command line (the Python API calls --threads workers)
+    cli_checks.out_dir(args.out)
     with _one_line_warnings():
         protocol = make_coco_reference(args.captions, args.images, args.out, n=args.n, resolution=args.resolution,
                                        seed=args.seed, workers=args.threads, stats=not args.no_stats,

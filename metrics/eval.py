@@ -33,7 +33,7 @@ from distill.metrics.eval_reference import Reference, default_cache_dir, folder_
 from distill.metrics.fid import _Extractor, _warn_if_incomparable, extract_features, prepare_extractor
 from distill.metrics.kid import _gathered, kernel_distance
 from distill.metrics.precision_recall import DEFAULT_K, precision_recall
-from distill.metrics.sources import FolderSource
+from distill.metrics.sources import FolderSource, TensorSource
 from distill.metrics.stats import RunningStats, Stats, frechet_distance
 from distill.models.errors import ToolkitError
 
@@ -65,9 +65,16 @@ def _load_dinov2(options: dict, device: torch.device):
     return load_dinov2(options.get("dinov2"), device)
 
 
+def _load_digits(options: dict, device: torch.device):
+    from distill.metrics.eval_digits import load_digits_features
+
+    return load_digits_features(options, device)
+
+
 EXTRACTORS: dict[str, ExtractorLoader] = {
     "inception": _load_inception,
     "dinov2": _load_dinov2,
+    "digits": _load_digits,  # the digits classifier's penultimate features (class-conditional digits students)
     "identity": lambda options, device: IdentityFeatures(),
 }
 
@@ -112,7 +119,7 @@ def metric_extractor(metric: str, pr_features: str, diversity_features: str, fid
     if metric.startswith("fd_"):
         return metric[3:]
     if metric in ("pr", "kid"):
-        return pr_features if metric == "pr" else "inception"
+        return pr_features if metric == "pr" else fid_features  # KID: the FID features (Inception by default)
     if metric == "diversity":
         return diversity_features
     return None
@@ -123,11 +130,13 @@ class Evaluator:
 
     Args:
         metrics: names from ``fid, clip, fd_dinov2, pr, kid, diversity`` or ``fd_<registered extractor>``.
-        reference: an image folder (every metric; cached), or one or more ``.npz`` statistics files
-            (Frechet metrics only, matched to extractors by weights hash, else by dimension).
+        reference: an image folder (every metric; cached), ``"sklearn-digits"`` (the 1,797 real digits,
+            :mod:`metrics.eval_digits`), or one or more ``.npz`` statistics files (Frechet metrics only,
+            matched to extractors by weights hash, else by dimension).
         inception, dinov2: local weights (file or folder) of the built-in extractors.
         extractors: ``{name: extractor}`` objects to use instead of loading by name (tests, notebooks).
-        fid_features: the extractor behind ``fid`` (Inception; ``identity`` for toy vector data).
+        fid_features: the extractor behind ``fid`` and ``kid`` (Inception; ``identity`` for toy vector data,
+            ``digits`` for digits students).
         pr_features, diversity_features: extractor for precision/recall and diversity (default inception).
         pr_k: neighbourhood size of precision/recall (Kynkaanniemi et al.: 3).
         clip_model: a :class:`metrics.clip_score.ClipModel`, else ``clip_name``/``clip_pretrained`` are loaded.
@@ -173,13 +182,14 @@ class Evaluator:
         self.device = resolve_device(device)
         self.needed = {m: metric_extractor(m, pr_features, diversity_features, fid_features) for m in self.metrics}
         self.folder, self.stats_files = self._open_reference(reference)
+        self._find_weights()
         self.features: dict[str, _Extractor] = {}
         self.references: dict[str, Reference] = {}
         self.clip_model_name = getattr(clip_model, "name", None)
         self.prepared = False
 
     # ----------------------------------------------------------------- checks (no network)
-    def _open_reference(self, reference) -> tuple[FolderSource | None, list[Stats]]:
+    def _open_reference(self, reference) -> tuple[FolderSource | TensorSource | None, list[Stats]]:
         needs_reference = [m for m in self.metrics if m not in ("clip", "diversity")]
         if not needs_reference:
             return None, []
@@ -188,6 +198,10 @@ class Evaluator:
         items = list(reference) if isinstance(reference, (list, tuple)) else [reference]
         if isinstance(items[0], Stats):
             return None, items
+        from distill.metrics.eval_digits import SKLEARN_DIGITS, digits_reference_source
+
+        if len(items) == 1 and str(items[0]) == SKLEARN_DIGITS:  # the built-in real digits (not cached: 1,797 8x8)
+            return digits_reference_source(), []
         paths = [Path(p) for p in items]
         if len(paths) == 1 and (paths[0].is_dir() or not paths[0].exists()) and paths[0].suffix != ".npz":
             return FolderSource.open(paths[0]), []
@@ -197,6 +211,23 @@ class Evaluator:
                 raise ToolkitError(f"{metric} needs the reference images' features, not statistics: pass the "
                                    f"reference image folder as --ref")
         return None, stats
+
+    def _find_weights(self) -> None:
+        """The built-in extractors' and CLIP's weight files are looked for (not loaded) now, so that a missing
+        file fails in a second instead of after the generator has loaded (and, in training, been built)."""
+        names = {name for name in self.needed.values() if name} - set(self.given)
+        if "inception" in names and EXTRACTORS["inception"] is _load_inception:
+            from distill.metrics.inception import find_inception_weights
+
+            find_inception_weights(self.options.get("inception"))
+        if "dinov2" in names and EXTRACTORS["dinov2"] is _load_dinov2:
+            from distill.metrics.dinov2 import find_dinov2_weights
+
+            find_dinov2_weights(self.options.get("dinov2"))
+        if "clip" in self.metrics and self.clip_model is None:
+            from distill.metrics.clip_score import resolve_model
+
+            resolve_model(self.clip_name, self.clip_pretrained)
 
     def protocol(self) -> dict:
         """What the values depend on: extractors (name, weights hash, transform, dimension), reference, settings."""
@@ -284,7 +315,7 @@ class Evaluator:
                                                  gathered[self.pr_features], self.pr_k)
             values.update(precision=precision, recall=recall)
         if "kid" in self.metrics:
-            values["kid"] = kernel_distance(gathered["inception"], self.references["inception"].features)
+            values["kid"] = kernel_distance(gathered[self.needed["kid"]], self.references[self.needed["kid"]].features)
         if "clip" in self.metrics:
             scores = _gathered(torch.cat(clip_scores) if clip_scores else torch.zeros(0, dtype=torch.float64))
             values["clip"] = float(scores.mean())

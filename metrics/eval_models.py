@@ -114,8 +114,7 @@ def _pipeline_generator(model: str, steps: int | None, device: torch.device, gui
 
 
 def _steps(timesteps: list, steps: int | None) -> list[int]:
-    if steps is None:
-        return [int(t) for t in timesteps]
-    if not 1 <= steps <= len(timesteps):
-        raise ToolkitError(f"--steps must be between 1 and {len(timesteps)} (the student's timesteps)")
-    return [int(t) for t in timesteps[:steps]]
+    """K of the student's timesteps, evenly spaced by index as ``LCMScheduler`` (and ``distill sample``) picks them."""
+    from distill.models.cards import subset_timesteps
+
+    return subset_timesteps(timesteps, steps)

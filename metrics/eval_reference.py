@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from distill.metrics.fid import _Extractor, feature_batches
 from distill.metrics.kid import _gathered
-from distill.metrics.sources import FolderSource
+from distill.metrics.sources import FolderSource, TensorSource
 from distill.metrics.stats import RunningStats, Stats
 from distill.models.errors import ToolkitError
 
@@ -59,12 +59,12 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
-def folder_reference(source: FolderSource, feature: _Extractor, *, need_features: bool, batch_size: int,
+def folder_reference(source: FolderSource | TensorSource, feature: _Extractor, *, need_features: bool, batch_size: int,
                      num_workers: int | None, cache_dir: Path | None, progress: bool) -> Reference:
     """Statistics (and features) of ``source`` under ``feature``, from the cache when present."""
-    key = folder_key(source, feature)
     stats_path = features_path = None
-    if cache_dir is not None:
+    if cache_dir is not None and isinstance(source, FolderSource):  # in-memory references (digits) are not cached
+        key = folder_key(source, feature)
         stats_path, features_path = cache_dir / f"{key}.npz", cache_dir / f"{key}.features.npy"
         if stats_path.is_file() and (not need_features or features_path.is_file()):
             stats = Stats.load(stats_path)

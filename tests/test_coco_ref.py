@@ -61,9 +61,14 @@ def test_coco_reference_prompts_images_and_statistics(offline, fake_inception, c
     (["--resolution", "0"], "--resolution must be an integer >= 16"),
     (["--batch-size", "0"], "--batch-size 0 is out of range: expected a value >= 1"),
     (["--n", "3"], "inception-2015-12-05.pt not found"),  # the weights are looked for before any image is converted
+    (["--threads", "0"], "--threads must be an integer >= 1"),  # named as on the command line
+    (["--seed", "-1"], "--seed must be an integer >= 0"),
+    (["--n", "nan"], "argument --n: invalid int value: 'nan'"),  # argparse's refusal: one line too
+    (["--out", "{captions}"], "is a file; expected a folder"),
 ])
 def test_coco_reference_errors_come_first(offline, capsys, extra, fragment):
     folder = _coco(offline)
+    extra = [str(offline / "captions.json") if e == "{captions}" else e for e in extra]
     argv = ["coco-ref", "--captions", offline / "captions.json", "--images", folder, "--out", offline / "o", *extra]
     assert_one_line_error(main([str(a) for a in argv]), capsys.readouterr().err, fragment)
     assert not (offline / "o" / "images").exists()

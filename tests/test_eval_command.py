@@ -150,6 +150,16 @@ def test_eval_against_statistics_files(setup, full_eval, tmp_path):
     ({"--pr-features": "vgg"}, "unknown extractor 'vgg'"),
     ({"--pr-k": "0"}, "--pr-k must be an integer >= 1"),
     ({"--n": "3"}, "diversity compares images of the same prompt: --n (3) must exceed the number of prompts (3)"),
+    ({"--n": "nan"}, "argument --n: invalid int value: 'nan'"),
+    ({"--guidance-scale": "inf"}, "--guidance-scale must be a finite number >= 0, got inf"),
+    ({"--steps": "3"}, "--steps must be between 1 and 2"),
+    ({"--pr-k": "8"}, "precision/recall with --pr-k 8 need more than 8 images"),
+    ({"--out": "{file}"}, "is a file; expected a folder"),
+    ({"--cache": "{file}"}, "--cache"),
+    ({"--inception": "/no/such/inception.pt"}, "Inception weights inception-2015-12-05.pt not found"),
+    ({"--dinov2": "/no/such/dinov2"}, "DINOv2 weights"),
+    ({"--clip-model": "local-dir:/no/such"}, "expected a folder holding open_clip_config.json"),
+    ({"--labels": "0-9"}, "--labels is for class-conditional students"),
 ])
 def test_bad_eval_inputs_fail_before_any_network(setup, tmp_path, capsys, change, fragment, monkeypatch):
     import importlib
@@ -160,6 +170,7 @@ def test_bad_eval_inputs_fail_before_any_network(setup, tmp_path, capsys, change
     monkeypatch.setattr(importlib.import_module("distill.metrics.eval_models"), "open_model", fail)
     args = eval_args(setup, tmp_path / "bad")
     for key, value in change.items():
+        value = value.replace("{file}", str(setup / "prompts.txt"))
         if key in args:
             args[args.index(key) + 1] = value
         else:
@@ -178,24 +189,33 @@ def test_eval_pr_needs_reference_images(setup, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_values_of_one(setup, tmp_path):
-    one = tmp_path / "one"
-    assert cli_main(["eval", *eval_args(setup, one, "--cache", "none")]) == 0
+def test_two_processes_give_the_values_of_one(setup, digits_setup, tmp_path):
+    """The SDXL export (prompts; Inception, DINOv2, CLIP stand-ins) and the digits export (labels; the digits
+    classifier, the real digits) under torchrun with 2 processes: the values of 1 process (one torchrun for both)."""
+    cases = {"sdxl": lambda out: eval_args(setup, out, "--cache", "none"),
+             "digits": lambda out: digits_args(digits_setup, out, "--batch-size", "4")}
+    for name, make in cases.items():
+        assert cli_main(["eval", *make(tmp_path / name / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # the arguments travel in a file: torchrun's own parser would take --n for one of its options
-    (tmp_path / "argv.json").write_text(json.dumps(["eval", *eval_args(setup, tmp_path / "two", "--cache", "none")]))
+    (tmp_path / "argv.json").write_text(json.dumps([["eval", *make(tmp_path / name / "two")]
+                                                    for name, make in cases.items()]))
     (tmp_path / "driver.py").write_text("import json, sys\nfrom distill.cli import main\n"
-                                        "sys.exit(main(json.load(open(sys.argv[1]))))\n")
+                                        "for argv in json.load(open(sys.argv[1])):\n"
+                                        "    code = main(argv)\n"
+                                        "    if code:\n"
+                                        "        sys.exit(code)\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(tmp_path / "driver.py"), str(tmp_path / "argv.json")]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    a = json.loads((one / "metrics.json").read_text())
-    b = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert b["protocol"]["processes"] == 2 and a["protocol"]["processes"] == 1
-    assert set(a["metrics"]) == set(b["metrics"])
-    for key, value in a["metrics"].items():
-        assert b["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    for name in cases:
+        a = json.loads((tmp_path / name / "one" / "metrics.json").read_text())
+        b = json.loads((tmp_path / name / "two" / "metrics.json").read_text())
+        assert b["protocol"]["processes"] == 2 and a["protocol"]["processes"] == 1
+        assert set(a["metrics"]) == set(b["metrics"]) and len(a["metrics"]) >= 6, name
+        for key, value in a["metrics"].items():
+            assert b["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), (name, key)
 
 
 class ColourMoments(torch.nn.Module):
@@ -266,3 +286,133 @@ def test_in_training_eval_fn_on_the_sdxl_student(setup, tmp_path, monkeypatch):
     assert set(first) == {"fid", "clip"} and all(np.isfinite(v) for v in first.values())
     assert first == again  # the same noise every time: values change only with the model
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # the reference folder's statistics, cached
+
+
+# ------------------------------------------------------------------------------------------ digits students
+@pytest.fixture(scope="module")
+def digits_setup(tmp_path_factory):
+    """A class-conditional digits student (teacher trained 2 steps, DMD2 run of 2 steps, timesteps [999, 499]), its
+    run folder and export, and a stand-in digits classifier (one epoch, ~1 s) where ``distill eval`` finds it."""
+    from safetensors.torch import save_file
+
+    from distill.digits_teacher import DigitsTeacherConfig, ensure_digits_teacher
+    from distill.metrics.digits import train_digits_classifier
+
+    d = tmp_path_factory.mktemp("eval_digits")
+    old = os.environ.get("DISTILL_CACHE")
+    os.environ["DISTILL_CACHE"] = str(d / "cache")  # inherited by the 2-process test's torchrun
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    classifier, accuracy = train_digits_classifier(seed=0, epochs=1)
+    (d / "cache").mkdir()
+    state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
+    save_file({**state, "test_accuracy": torch.tensor(accuracy)}, str(d / "cache" / "digits_classifier_seed0.safetensors"))
+    teacher = ensure_digits_teacher(d / "teacher", DigitsTeacherConfig(steps=2, batch_size=8), progress=False)
+    recipe = {
+        "teacher": {"kind": "auto", "path": str(teacher)},
+        "student": {"timesteps": [999, 499]},
+        "method": {"name": "dmd2", "guidance_scale": 1.0},
+        "data": {"kind": "labels", "batch_size": 4},
+        "train": {"steps": 2, "log_every": 1, "eval_every": 2,  # in-training digits FD against the real digits
+                  "eval": {"n": 20, "batch_size": 10, "ref": "sklearn-digits", "features": "digits"}},
+        "generator_optim": {"lr": 1e-3}, "critic_optim": {"lr": 1e-3},
+    }
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli_main(["train", str(d / "recipe.yaml"), "--out", str(d / "run"), "--no-progress"]) == 0
+    assert cli_main(["export", str(d / "run"), "--out", str(d / "student")]) == 0
+    yield d
+    torch.set_num_threads(previous_threads)
+    if old is None:
+        os.environ.pop("DISTILL_CACHE")
+    else:
+        os.environ["DISTILL_CACHE"] = old
+
+
+DIGITS_METRICS = "fid,pr,kid,diversity,fd_digits"
+
+
+def digits_args(d: Path, out: Path, *extra: str, model: str = "student") -> list[str]:
+    return [str(d / model), "--ref", "sklearn-digits", "--n", "30", "--batch-size", "8", "--metrics", DIGITS_METRICS,
+            "--out", str(out), "--device", "cpu", "--no-progress", "--workers", "0", *extra]
+
+
+def test_eval_of_a_digits_student(digits_setup, tmp_path):
+    """Labels instead of prompts (default: every class), the digits classifier's features for fid / pr / kid /
+    diversity, the real digits as reference; the FD equals one computed by hand from the saved images, and the
+    run folder gives the values of its export (the same images)."""
+    from distill.digits_data import load_digits_tensors
+    from distill.metrics.digits import feature_fd, load_digits_classifier
+
+    d = digits_setup
+    assert cli_main(["eval", *digits_args(d, tmp_path / "export", "--save-images")]) == 0
+    result = json.loads((tmp_path / "export" / "metrics.json").read_text())
+    values, protocol = result["metrics"], result["protocol"]
+    assert set(values) == {"fid", "fd_digits", "precision", "recall", "kid", "diversity"}
+    assert all(np.isfinite(v) for v in values.values()) and values["fid"] > 0 and values["diversity"] > 0
+    assert 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1
+    assert values["fid"] == values["fd_digits"]  # fid's extractor is the digits classifier here
+    assert set(protocol["extractors"]) == {"digits"} and protocol["extractors"]["digits"]["feature_dim"] == 64
+    assert protocol["labels"]["count"] == 10 and protocol["labels"]["classes"] == 10 and "prompts" not in protocol
+    reference = protocol["reference"]["digits"]
+    assert reference["count"] == 1797 and "sklearn-digits" in reference["origin"]
+    assert protocol["model"]["kind"] == "pipeline" and protocol["model"]["timesteps"] == [999, 499]
+    assert protocol["diversity"]["groups"].startswith("images of the same class label")
+    # by hand: the classifier's features of the saved 8x8 PNGs and of the real digits, both quantised to uint8
+    pngs = sorted((tmp_path / "export" / "images").glob("*.png"))
+    assert len(pngs) == 30 and Image.open(pngs[0]).size == (8, 8)
+    generated = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("L"))) for p in pngs]).float()[:, None]
+    real = ((load_digits_tensors()[0] + 1) * 127.5).round()
+    classifier = load_digits_classifier()
+    fd = feature_fd(classifier.features(generated / 127.5 - 1).double(), classifier.features(real / 127.5 - 1).double())
+    assert values["fid"] == pytest.approx(fd, rel=1e-6)
+    # the run folder: the toolkit's sampler instead of diffusers' LCMScheduler loop, the same images
+    assert cli_main(["eval", *digits_args(d, tmp_path / "run", model="run")]) == 0
+    from_run = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert from_run["protocol"]["model"]["kind"] == "run"
+    for key, value in values.items():
+        assert from_run["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # in-training evaluation of the same run: the digits FD in log.jsonl at step 2, the best checkpoint kept
+    rows = [json.loads(line) for line in (d / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_fid" in r]
+    assert [r["step"] for r in evals] == [2] and np.isfinite(evals[0]["eval_fid"]) and evals[0]["eval_fid"] > 0
+    assert list((d / "run" / "checkpoints" / "best").glob("step_*"))
+    # a labels file and one step: only the classes asked for
+    (tmp_path / "labels.txt").write_text("3\n7-8\n")
+    assert cli_main(["eval", *digits_args(d, tmp_path / "some", "--labels", str(tmp_path / "labels.txt"),
+                                          "--steps", "1", "--n", "12")]) == 0
+    some = json.loads((tmp_path / "some" / "metrics.json").read_text())["protocol"]
+    assert some["labels"]["file"] == str(tmp_path / "labels.txt") and some["labels"]["count"] == 3
+    assert some["model"]["timesteps"] == [999] and some["n"] == 12
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"--labels": "10"}, "label(s) [10] out of range; this student has classes 0..9"),
+    ({"--labels": "5-2"}, "the range 5-2 is empty"),
+    ({"--labels": "three"}, "'three' (not a file either) is not a class label"),
+    ({"--prompts": "prompts.txt"}, "is class-conditional (10 classes): pass --labels"),
+    ({"--metrics": "fid,clip"}, "clip scores images against prompts"),
+    ({"--steps": "3"}, "--steps must be between 1 and 2"),
+    ({"--guidance-scale": "nan"}, "--guidance-scale must be a finite number >= 0, got nan"),
+    ({"--guidance-scale": "-1"}, "--guidance-scale must be a finite number >= 0"),
+    ({"--n": "ten"}, "argument --n: invalid int value: 'ten'"),
+    ({"--pr-k": "30"}, "precision/recall with --pr-k 30 need more than 30 images"),
+    ({"--n": "10"}, "--n (10) must exceed the number of labels (10)"),
+    ({"--ref": "/no/such/ref"}, "path not found"),
+    ({"--features": "inception", "--inception": "/no/such/inception.pt"}, "Inception weights inception-2015-12-05.pt"),
+])
+def test_bad_digits_eval_inputs_fail_before_any_network(digits_setup, tmp_path, capsys, change, fragment, monkeypatch):
+    import importlib
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a network was loaded before the inputs were checked")
+
+    monkeypatch.setattr(importlib.import_module("distill.metrics.eval_labels"), "open_class_model", fail)
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    monkeypatch.chdir(tmp_path)
+    args = digits_args(digits_setup, tmp_path / "bad")
+    for key, value in change.items():
+        if key in args:
+            args[args.index(key) + 1] = value
+        else:
+            args += [key, value]
+    assert_one_line_error(cli_main(["eval", *args]), capsys.readouterr().err, fragment)

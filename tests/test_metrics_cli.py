@@ -105,12 +105,18 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list, str]]:
         "npz without stats": (["fid", good, tmp / "junk.npz"], "no FID statistics"),
         "broken npz": (["fid", good, tmp / "broken.npz"], "cannot read"),
         "fid-stats empty": (["fid-stats", tmp / "empty", "--out", tmp / "o.npz"], "no images"),
+        "not a number": (["fid", good, good, "--batch-size", "nan"], "argument --batch-size: invalid int value: 'nan'"),
+        "fid-stats workers": (["fid-stats", good, "--out", tmp / "o.npz", "--workers", "x"], "invalid int value: 'x'"),
+        "clip convention": (["clip", good, tmp / "notes.txt", "--convention", "nope"], "invalid choice: 'nope'"),
+        "clip batch size": (["clip", good, tmp / "notes.txt", "--batch-size", "-1"], "--batch-size -1 is out of range"),
+        "missing option": (["fid-stats", good], "the following arguments are required: --out"),
     }
 
 
 BAD_CASES = [
     "missing path", "empty folder", "single image", "corrupt file", "not a folder", "stats dim vs inception",
-    "stats dims differ", "npz without stats", "broken npz", "fid-stats empty",
+    "stats dims differ", "npz without stats", "broken npz", "fid-stats empty", "not a number", "fid-stats workers",
+    "clip convention", "clip batch size", "missing option",
 ]
 
 
