@@ -299,17 +299,20 @@ class Evaluator:
             if "clip" in self.metrics:
                 clip_scores.append(self._clip(samples, prompts))
         values: dict[str, float] = {}
+        # each extractor's sums are all-reduced once, even when two metrics read them (fid and fd_digits), and in
+        # the same (sorted) order on every process: collectives must match, and set order varies with the hash seed
+        finalized = {name: _finalize(running[name]) for name in sorted(running)}
         for metric in self.metrics:
             name = self.needed[metric]
             if metric == "fid" or metric.startswith("fd_"):
-                stats = _finalize(running[name])
+                stats = finalized[name]
                 ref = self.references[name].stats
                 _warn_if_incomparable(stats, ref)
                 values[metric] = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
         # features of all processes in image order, so that every value is the one a single process gets
         order = _gathered(torch.tensor(indices_all, dtype=torch.int64)).argsort()
-        gathered = {name: _gathered(torch.cat(rows) if rows else torch.zeros(0, 0, dtype=torch.float64))[order]
-                    for name, rows in kept.items()}
+        empty = torch.zeros(0, 0, dtype=torch.float64)
+        gathered = {name: _gathered(torch.cat(kept[name]) if kept[name] else empty)[order] for name in sorted(kept)}
         if "pr" in self.metrics:
             precision, recall = precision_recall(self.references[self.pr_features].features,
                                                  gathered[self.pr_features], self.pr_k)
