@@ -168,6 +168,7 @@ def test_bad_eval_inputs_fail_before_any_network(setup, tmp_path, capsys, change
         raise AssertionError("a network was loaded before the inputs were checked")
 
     monkeypatch.setattr(importlib.import_module("distill.metrics.eval_models"), "open_model", fail)
+    _no_weights_elsewhere(monkeypatch, tmp_path)
     args = eval_args(setup, tmp_path / "bad")
     for key, value in change.items():
         value = value.replace("{file}", str(setup / "prompts.txt"))
@@ -177,6 +178,17 @@ def test_bad_eval_inputs_fail_before_any_network(setup, tmp_path, capsys, change
             args += [key, value]
     code = cli_main(["eval", *args])
     assert_one_line_error(code, capsys.readouterr().err, fragment)
+
+
+def _no_weights_elsewhere(monkeypatch, tmp_path: Path) -> None:
+    """Weights are looked for only where the options point: not in $DISTILL_INCEPTION_PATH, clean-fid's download
+    folder, $DISTILL_DINOV2_PATH or the Hugging Face cache of this machine."""
+    import distill.metrics.dinov2 as dinov2
+    import distill.metrics.inception as inception
+
+    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+    monkeypatch.setattr(inception, "cleanfid_cache_dirs", lambda: [tmp_path / "no-cleanfid"])
+    monkeypatch.setattr(dinov2, "dinov2_candidates", lambda path=None: [Path(path)] if path else [])
 
 
 def test_eval_pr_needs_reference_images(setup, tmp_path, capsys):
@@ -407,6 +419,7 @@ def test_bad_digits_eval_inputs_fail_before_any_network(digits_setup, tmp_path, 
         raise AssertionError("a network was loaded before the inputs were checked")
 
     monkeypatch.setattr(importlib.import_module("distill.metrics.eval_labels"), "open_class_model", fail)
+    _no_weights_elsewhere(monkeypatch, tmp_path)
     (tmp_path / "prompts.txt").write_text("a cat\n")
     monkeypatch.chdir(tmp_path)
     args = digits_args(digits_setup, tmp_path / "bad")
