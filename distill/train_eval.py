@@ -49,6 +49,8 @@ def build_eval_fn(config: Config) -> Callable[[object], EvalFn] | None:
                                f"prompts ({len(prompts)}): several seeds per prompt")
     elif "clip" in cfg.metrics:
         raise ToolkitError("train.eval.metrics: clip needs a text-to-image student (prompts)")
+    if "accuracy" in cfg.metrics and config.data.kind != "labels":
+        raise ToolkitError("train.eval.metrics: accuracy needs a class-conditional student (data.kind labels)")
     evaluator = Evaluator(list(cfg.metrics), cfg.ref, inception=cfg.inception, fid_features=cfg.features,
                           clip_name=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, batch_size=cfg.batch_size,
                           cache_dir="default", progress=False)
@@ -90,9 +92,11 @@ def _eval_fn(models, evaluator, cfg, prompts, image_student: bool) -> EvalFn:
                     samples = as_rgb_nchw(to_uint8(decode_to_images(samples, models), (0, 1)))
                 yield list(indices), samples, batch_prompts
 
+        num_classes = getattr(models.conditioner, "num_classes", None) if prompts is None else None
+        labels = (lambda i: i % num_classes) if num_classes else None  # sample i is drawn for class i mod K
         try:
             with torch.no_grad():
-                return evaluator.score(batches())
+                return evaluator.score(batches(), labels=labels)
         finally:
             student.train(was_training)
 

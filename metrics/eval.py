@@ -38,7 +38,7 @@ from distill.metrics.stats import RunningStats, Stats, frechet_distance
 from distill.models.errors import ToolkitError
 
 ExtractorLoader = Callable[[dict, torch.device], Callable[[torch.Tensor], torch.Tensor]]
-BASE_METRICS = ("fid", "clip", "fd_dinov2", "pr", "kid", "diversity")
+BASE_METRICS = ("fid", "clip", "fd_dinov2", "pr", "kid", "diversity", "accuracy")
 
 
 class IdentityFeatures(nn.Module):
@@ -122,6 +122,8 @@ def metric_extractor(metric: str, pr_features: str, diversity_features: str, fid
         return pr_features if metric == "pr" else fid_features  # KID: the FID features (Inception by default)
     if metric == "diversity":
         return diversity_features
+    if metric == "accuracy":  # class accuracy: the classifier behind the fid features (digits)
+        return fid_features
     return None
 
 
@@ -190,7 +192,7 @@ class Evaluator:
 
     # ----------------------------------------------------------------- checks (no network)
     def _open_reference(self, reference) -> tuple[FolderSource | TensorSource | None, list[Stats]]:
-        needs_reference = [m for m in self.metrics if m not in ("clip", "diversity")]
+        needs_reference = [m for m in self.metrics if m not in ("clip", "diversity", "accuracy")]
         if not needs_reference:
             return None, []
         if reference is None or (isinstance(reference, (list, tuple)) and not reference):
@@ -244,6 +246,9 @@ class Evaluator:
                                 "groups": "images of the same prompt (different seeds)"}
         if "clip" in self.metrics:
             out["clip"] = {"model": self.clip_model_name, "convention": self.clip_convention, "prefix": self.clip_prefix}
+        if "accuracy" in self.metrics:
+            out["accuracy"] = {"classifier": self.needed["accuracy"],
+                               "counts": "images the classifier assigns to the class they were generated for"}
         return out
 
     # ----------------------------------------------------------------- loading
@@ -254,13 +259,16 @@ class Evaluator:
             if extractor is None:
                 extractor = EXTRACTORS[name](self.options, self.device)
             self.features[name] = prepare_extractor(extractor, None, self.device)
+        if "accuracy" in self.metrics and not hasattr(self.features[self.needed["accuracy"]].fn, "classify"):
+            raise ToolkitError(f"accuracy needs a classifier extractor (digits); {self.needed['accuracy']!r} has no "
+                               f"classify(features)")
         if "clip" in self.metrics and self.clip_model is None:
             from distill.metrics.clip_score import load_clip
 
             self.clip_model = load_clip(self.clip_name, self.clip_pretrained, device=self.device)
         self.clip_model_name = getattr(self.clip_model, "name", None)
         for metric, name in self.needed.items():
-            if name is None or metric == "diversity" or name in self.references:
+            if name is None or metric in ("diversity", "accuracy") or name in self.references:
                 continue
             feature = self.features[name]
             if self.folder is not None:
@@ -275,15 +283,17 @@ class Evaluator:
 
     # ----------------------------------------------------------------- scoring
     def score(self, batches: Iterable[tuple[Sequence[int], torch.Tensor, Sequence[str] | None]],
-              groups: Callable[[int], object] | None = None) -> dict[str, float]:
+              groups: Callable[[int], object] | None = None,
+              labels: Callable[[int], int] | None = None) -> dict[str, float]:
         """Metrics of this process's batches ``(indices, samples, prompts)``; the same result on every process.
 
-        ``groups(index)`` gives the diversity group of a sample (default: its prompt).
+        ``groups(index)`` gives the diversity group of a sample (default: its prompt); ``labels(index)`` the class a
+        sample was generated for (``accuracy``).
         """
         if not self.prepared:
             self.prepare()
         stats_names = {self.needed[m] for m in self.metrics if m == "fid" or m.startswith("fd_")}
-        keep_names = {self.needed[m] for m in self.metrics if m in ("pr", "kid", "diversity")}
+        keep_names = {self.needed[m] for m in self.metrics if m in ("pr", "kid", "diversity", "accuracy")}
         running = {name: RunningStats(self.device) for name in stats_names}
         kept: dict[str, list[torch.Tensor]] = {name: [] for name in keep_names}
         indices_all, prompts_all, clip_scores = [], [], []
@@ -322,6 +332,15 @@ class Evaluator:
         if "clip" in self.metrics:
             scores = _gathered(torch.cat(clip_scores) if clip_scores else torch.zeros(0, dtype=torch.float64))
             values["clip"] = float(scores.mean())
+        if "accuracy" in self.metrics:
+            if labels is None:
+                raise ToolkitError("accuracy needs the class label of every sample (class-conditional students)")
+            name = self.needed["accuracy"]
+            fn = self.features[name].fn
+            with torch.no_grad():
+                predicted = fn.classify(gathered[name].to(self.device, torch.float32)).argmax(1).cpu()
+            asked = torch.tensor(_gathered_objects([labels(i) for i in indices_all]))[order]
+            values["accuracy"] = float((predicted == asked).double().mean())
         if "diversity" in self.metrics:
             keys = _gathered_objects([groups(i) for i in indices_all] if groups else prompts_all)
             values["diversity"] = diversity(gathered[self.diversity_features], [keys[i] for i in order.tolist()],

@@ -89,13 +89,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if "clip" in metric_names and classes:
         raise ToolkitError("clip scores images against prompts; this student is class-conditional (labels): "
                            "drop clip from --metrics")
+    features = args.features or ("digits" if classes and classes.digits else "inception")
+    if "accuracy" in metric_names and not (classes and features == "digits"):
+        raise ToolkitError("accuracy (class accuracy) needs a class-conditional digits student and --features digits")
     groups = len(set(conditions)) if classes else len(conditions)
     if "diversity" in metric_names and n <= groups:
         raise ToolkitError(f"diversity compares images of the same {what[:-1]}: --n ({n}) must exceed the number of "
                            f"{what} ({groups}), e.g. --n {4 * groups} for 4 seeds per {what[:-1]}")
     if "pr" in metric_names and n <= args.pr_k:
         raise ToolkitError(f"precision/recall with --pr-k {args.pr_k} need more than {args.pr_k} images: raise --n")
-    features = args.features or ("digits" if classes and classes.digits else "inception")
     device = _launch_device(args.device)
     rank, world = process_group()
     shard_batches(n, args.batch_size, rank, world)  # enough batches for every process, before any loading

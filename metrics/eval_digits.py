@@ -37,13 +37,26 @@ class DigitsImageFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier.features(images.float() / 127.5 - 1.0)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[N, 10]`` from this extractor's features ``[N, 64]`` (the ``accuracy`` metric)."""
+        return self.classifier.out(features)
+
 
 def load_digits_features(options: dict, device: torch.device) -> DigitsImageFeatures:
     """The extractor loader (``metrics.eval.EXTRACTORS['digits']``): the cached classifier (trained once,
-    ~15 s on a CPU core, in ``$DISTILL_CACHE`` or ``~/.cache/distill``; ``options['digits_cache']`` overrides)."""
+    ~15 s on a CPU core, in ``$DISTILL_CACHE`` or ``~/.cache/distill``; ``options['digits_cache']`` overrides).
+    Under ``torch.distributed`` the first process makes the cache file before the others read it."""
+    import torch.distributed as dist
+
     from distill.metrics.digits import load_digits_classifier
 
-    return DigitsImageFeatures(load_digits_classifier(options.get("digits_cache"))).to(device)
+    cache = options.get("digits_cache")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # the first process trains and caches it; the others read that file (two writers of one .tmp file race)
+        if dist.get_rank() == 0:
+            load_digits_classifier(cache)
+        dist.barrier()
+    return DigitsImageFeatures(load_digits_classifier(cache)).to(device)
 
 
 class _DigitsSource(TensorSource):

@@ -57,6 +57,8 @@ def evaluate_model(generate: ImageGenerator, evaluator: Evaluator, prompts: Sequ
     check_int(seed, "--seed", 0)
     if labels is not None and prompts:
         raise ToolkitError("pass prompts (text-to-image students) or labels (class-conditional students), not both")
+    if labels is None and "accuracy" in evaluator.metrics:
+        raise ToolkitError("accuracy needs class labels (a class-conditional student); drop it from --metrics")
     if labels is not None and "clip" in evaluator.metrics:
         raise ToolkitError("clip scores images against prompts; a class-conditional student has labels: drop clip "
                            "from --metrics")
@@ -90,7 +92,8 @@ def evaluate_model(generate: ImageGenerator, evaluator: Evaluator, prompts: Sequ
 
     # diversity groups: a prompt's position in the prompts file; a class label's value
     group = (lambda i: i % len(conditions)) if labels is None else (lambda i: conditions[i % len(conditions)])
-    values = evaluator.score(batches(), groups=group)
+    values = evaluator.score(batches(), groups=group,
+                             labels=None if labels is None else (lambda i: conditions[i % len(conditions)]))
     bar.close()
     protocol = {"n": n, "seed": seed, "model": model_info or {}, "batch_size": batch_size, "processes": world,
                 **evaluator.protocol()}

@@ -160,6 +160,7 @@ def test_eval_against_statistics_files(setup, full_eval, tmp_path):
     ({"--dinov2": "/no/such/dinov2"}, "DINOv2 weights"),
     ({"--clip-model": "local-dir:/no/such"}, "expected a folder holding open_clip_config.json"),
     ({"--labels": "0-9"}, "--labels is for class-conditional students"),
+    ({"--metrics": "fid,accuracy"}, "accuracy (class accuracy) needs a class-conditional digits student"),
 ])
 def test_bad_eval_inputs_fail_before_any_network(setup, tmp_path, capsys, change, fragment, monkeypatch):
     import importlib
@@ -326,7 +327,8 @@ def digits_setup(tmp_path_factory):
         "method": {"name": "dmd2", "guidance_scale": 1.0},
         "data": {"kind": "labels", "batch_size": 4},
         "train": {"steps": 2, "log_every": 1, "eval_every": 2,  # in-training digits FD against the real digits
-                  "eval": {"n": 20, "batch_size": 10, "ref": "sklearn-digits", "features": "digits"}},
+                  "eval": {"n": 20, "batch_size": 10, "ref": "sklearn-digits", "features": "digits",
+                           "metrics": ["fid", "accuracy"]}},
         "generator_optim": {"lr": 1e-3}, "critic_optim": {"lr": 1e-3},
     }
     (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -340,7 +342,7 @@ def digits_setup(tmp_path_factory):
         os.environ["DISTILL_CACHE"] = old
 
 
-DIGITS_METRICS = "fid,pr,kid,diversity,fd_digits"
+DIGITS_METRICS = "fid,pr,kid,diversity,fd_digits,accuracy"
 
 
 def digits_args(d: Path, out: Path, *extra: str, model: str = "student") -> list[str]:
@@ -359,7 +361,7 @@ def test_eval_of_a_digits_student(digits_setup, tmp_path):
     assert cli_main(["eval", *digits_args(d, tmp_path / "export", "--save-images")]) == 0
     result = json.loads((tmp_path / "export" / "metrics.json").read_text())
     values, protocol = result["metrics"], result["protocol"]
-    assert set(values) == {"fid", "fd_digits", "precision", "recall", "kid", "diversity"}
+    assert set(values) == {"fid", "fd_digits", "precision", "recall", "kid", "diversity", "accuracy"}
     assert all(np.isfinite(v) for v in values.values()) and values["fid"] > 0 and values["diversity"] > 0
     assert 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1
     assert values["fid"] == values["fd_digits"]  # fid's extractor is the digits classifier here
@@ -377,6 +379,8 @@ def test_eval_of_a_digits_student(digits_setup, tmp_path):
     classifier = load_digits_classifier()
     fd = feature_fd(classifier.features(generated / 127.5 - 1).double(), classifier.features(real / 127.5 - 1).double())
     assert values["fid"] == pytest.approx(fd, rel=1e-6)
+    predicted = classifier(generated / 127.5 - 1).argmax(1)  # image i was generated for label i mod 10
+    assert values["accuracy"] == pytest.approx((predicted == torch.arange(30) % 10).double().mean().item())
     # the run folder: the toolkit's sampler instead of diffusers' LCMScheduler loop, the same images
     assert cli_main(["eval", *digits_args(d, tmp_path / "run", model="run")]) == 0
     from_run = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -387,6 +391,7 @@ def test_eval_of_a_digits_student(digits_setup, tmp_path):
     rows = [json.loads(line) for line in (d / "run" / "log.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_fid" in r]
     assert [r["step"] for r in evals] == [2] and np.isfinite(evals[0]["eval_fid"]) and evals[0]["eval_fid"] > 0
+    assert 0 <= evals[0]["eval_accuracy"] <= 1
     assert list((d / "run" / "checkpoints" / "best").glob("step_*"))
     # a labels file and one step: only the classes asked for
     (tmp_path / "labels.txt").write_text("3\n7-8\n")
@@ -410,7 +415,9 @@ def test_eval_of_a_digits_student(digits_setup, tmp_path):
     ({"--pr-k": "30"}, "precision/recall with --pr-k 30 need more than 30 images"),
     ({"--n": "10"}, "--n (10) must exceed the number of labels (10)"),
     ({"--ref": "/no/such/ref"}, "path not found"),
-    ({"--features": "inception", "--inception": "/no/such/inception.pt"}, "Inception weights inception-2015-12-05.pt"),
+    ({"--features": "inception", "--inception": "/no/such/inception.pt", "--metrics": "fid,pr"},
+     "Inception weights inception-2015-12-05.pt"),
+    ({"--features": "inception"}, "accuracy (class accuracy) needs a class-conditional digits student and --features digits"),
 ])
 def test_bad_digits_eval_inputs_fail_before_any_network(digits_setup, tmp_path, capsys, change, fragment, monkeypatch):
     import importlib
