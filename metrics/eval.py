@@ -131,7 +131,8 @@ class Evaluator:
     """Metrics of generated samples against a reference (see the module docstring).
 
     Args:
-        metrics: names from ``fid, clip, fd_dinov2, pr, kid, diversity`` or ``fd_<registered extractor>``.
+        metrics: names from ``fid, clip, fd_dinov2, pr, kid, diversity, accuracy`` or ``fd_<registered extractor>``
+            (``accuracy``: class accuracy of class-conditional students, with a ``classify`` extractor: digits).
         reference: an image folder (every metric; cached), ``"sklearn-digits"`` (the 1,797 real digits,
             :mod:`metrics.eval_digits`), or one or more ``.npz`` statistics files (Frechet metrics only,
             matched to extractors by weights hash, else by dimension).
