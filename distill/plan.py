@@ -241,6 +241,10 @@ def make_plan(config, gpus: int, gpu_mem: float) -> Plan:
     blocker = fsdp_refusal(method, cfg.train)
     notes = [f"distill train refuses train.parallel=fsdp for this recipe today: {blocker}"] if shard and blocker \
         else []
+    if cfg.data.batch_size % (gpus * cfg.train.grad_accum):
+        notes.append(f"data.batch_size {cfg.data.batch_size} does not divide by {gpus} GPU(s) x train.grad_accum "
+                     f"{cfg.train.grad_accum}: distill train refuses it (planned at "
+                     f"{max(cfg.data.batch_size // (gpus * cfg.train.grad_accum), 1)} sample(s) per GPU)")
     return Plan(gpus=gpus, parallel=cfg.train.parallel, weights_sharded=-(-_unique_bytes(roles) // div),
                 weights_replicated=replicated, optimizer=-(-optimizer // div), ema=-(-ema // div),
                 updates=updates, gradient_checkpointing=checkpointing, gpu_mem=gpu_mem, source=source,

@@ -98,8 +98,10 @@ class MetaAutocast(TorchFunctionMode):
         if dtype is not None:
             args = self._cast_all(args, dtype)
             kwargs = {k: self._cast_all(v, dtype) for k, v in kwargs.items()}
-        if name == "scaled_dot_product_attention" and args and getattr(args[0], "is_meta", False):
-            return _attention(args, kwargs)
+        if name == "scaled_dot_product_attention":
+            query = args[0] if args else kwargs.get("query")
+            if getattr(query, "is_meta", False):
+                return _attention(args, kwargs)
         return func(*args, **kwargs)
 
     def __exit__(self, *exc):
