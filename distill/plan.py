@@ -20,7 +20,8 @@ architecture config). Every count below is of the real modules:
   no autocast of their own), so matmul / conv inputs and the trainable weights' bf16 copies are saved at
   2 bytes per element and norms / softmax at 4, as on the GPU. Attention is counted as the fused kernels
   (flash / memory-efficient) save it: q, k, v, output and log-sum-exp, not the ``L x L`` matrix of the
-  math kernel that meta tensors would otherwise run.
+  math kernel that meta tensors would otherwise run. A data-dependent selection (Z-Image's caption mask)
+  keeps every element on meta: such captions are planned at their padded length (an upper bound).
 
 **Peak** (the total): the engine runs the generator update and then the critic update, and frees each
 update's gradients right after its optimiser step, so one update's gradients and activations coexist with
@@ -211,14 +212,23 @@ def _replicated_modules(pipeline) -> list:
 
 def make_plan(config, gpus: int, gpu_mem: float) -> Plan:
     """The per-GPU memory plan of ``config`` on ``gpus`` GPUs of ``gpu_mem`` GiB (see the module docstring)."""
-    from distill.plan_autocast import autocast_dtype
-    from distill.plan_meta import build_for_plan
-
     if gpus < 1 or gpu_mem <= 0:
         raise ToolkitError("--gpus must be at least 1 and --gpu-mem positive")
     cfg = copy.deepcopy(config)
     cfg.student.warm_start = dataclasses.replace(cfg.student.warm_start, steps=0)
     checkpointing, cfg.train.gradient_checkpointing = cfg.train.gradient_checkpointing, False
+    # meta cannot know a data-dependent selection (Z-Image keeps the caption tokens its mask marks): let it keep
+    # every element, i.e. plan captions at their padded length, an upper bound
+    from torch.fx.experimental import _config as fx_config
+
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        return _make_plan(cfg, checkpointing, gpus, gpu_mem)
+
+
+def _make_plan(cfg, checkpointing: bool, gpus: int, gpu_mem: float) -> Plan:
+    from distill.plan_autocast import autocast_dtype
+    from distill.plan_meta import build_for_plan
+
     models, method, data, source, replicated = build_for_plan(cfg)
     roles = [models.teacher, models.student, models.fake_score, getattr(method, "discriminator", None)]
     if replicated is None:
