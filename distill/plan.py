@@ -138,13 +138,14 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def saved_bytes(run, exclude: set[int], autocast: torch.dtype | None = None) -> int:
+def saved_bytes(run, exclude: set[int], autocast: torch.dtype | None = None, stats: dict | None = None) -> int:
     """Bytes of the distinct buffers autograd saves for backward while ``run()`` builds the graph.
 
     ``exclude``: storage keys (:func:`_storage_key`) not to count (parameters and buffers: they are weights).
     ``autocast``: the autocast dtype (None: fp32); the run is under :class:`~distill.plan_autocast.MetaAutocast`
     (autocast's casts and fused-attention memory on meta tensors; real tensors are only cast).
     Each buffer is counted once, at its storage size (a saved view keeps its whole base alive).
+    ``stats["scalars_read"]`` (when given) adds the data-dependent meta scalars taken as 0 (plan_autocast).
     """
     from distill.plan_autocast import MetaAutocast
 
@@ -158,8 +159,11 @@ def saved_bytes(run, exclude: set[int], autocast: torch.dtype | None = None) -> 
             keep.append(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), MetaAutocast(autocast):
+    mode = MetaAutocast(autocast)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mode:
         run()
+    if stats is not None:
+        stats["scalars_read"] = stats.get("scalars_read", 0) + mode.scalars_read
     return sum(seen.values())
 
 
@@ -167,7 +171,7 @@ def _weight_storages(modules) -> set[int]:
     return {_storage_key(t) for m in modules if m is not None for t in [*m.parameters(), *m.buffers()]}
 
 
-def _activations(models, method, data, config, gpus: int, autocast) -> dict[str, tuple[int, int]]:
+def _activations(models, method, data, config, gpus: int, autocast, stats: dict) -> dict[str, tuple[int, int]]:
     """Per update: saved-tensor bytes per GPU without and with gradient checkpointing (the models were built
     on meta without it; it is switched on for the second pass)."""
     from distill.build import enable_gradient_checkpointing
@@ -195,7 +199,7 @@ def _activations(models, method, data, config, gpus: int, autocast) -> dict[str,
                 with frozen(*other):
                     return loss_fn(batch)
 
-            out.setdefault(name, []).append(saved_bytes(run, exclude, autocast))
+            out.setdefault(name, []).append(saved_bytes(run, exclude, autocast, stats))
     return {name: (v[0], v[1]) for name, v in out.items()}
 
 
@@ -241,7 +245,8 @@ def _make_plan(cfg, checkpointing: bool, gpus: int, gpu_mem: float) -> Plan:
                          (method.critic_parameters(), cfg.critic_optim)):
         optimizer += sum(2 * per_state[ocfg.kind] * p.numel() + 4 for p in params)
     ema = 4 * sum(p.numel() for p in method.generator_parameters()) if cfg.train.ema_decay else 0
-    acts = _activations(models, method, data, cfg, gpus, autocast_dtype(cfg.train.mixed_precision))
+    stats: dict = {}
+    acts = _activations(models, method, data, cfg, gpus, autocast_dtype(cfg.train.mixed_precision), stats)
     owners = {"generator": method.generator_parameters(), "critic": method.critic_parameters()}
     updates = {name: UpdateMemory(gradients=-(-sum(p.numel() * p.element_size() for p in owners[name]) // div),
                                   activations_full=full, activations_checkpointed=ckpt)
@@ -251,6 +256,9 @@ def _make_plan(cfg, checkpointing: bool, gpus: int, gpu_mem: float) -> Plan:
     blocker = fsdp_refusal(method, cfg.train)
     notes = [f"distill train refuses train.parallel=fsdp for this recipe today: {blocker}"] if shard and blocker \
         else []
+    if stats.get("scalars_read"):
+        notes.append(f"{stats['scalars_read']} data-dependent value(s) read in the losses (e.g. counts of non-finite "
+                     f"rows) were taken as 0 on meta: the all-finite path is planned")
     if cfg.data.batch_size % (gpus * cfg.train.grad_accum):
         notes.append(f"data.batch_size {cfg.data.batch_size} does not divide by {gpus} GPU(s) x train.grad_accum "
                      f"{cfg.train.grad_accum}: distill train refuses it (planned at "

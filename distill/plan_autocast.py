@@ -21,6 +21,10 @@ On meta tensors the call is replaced by :class:`_FusedAttentionMemory`, which sa
 output has the right shape and dtype; it has no backward: plan never runs one). This applies with and
 without autocast (``dtype=None``: no casts).
 
+Data-dependent scalars: a meta tensor has no value, so ``item()``, ``int()``, ``float()`` and ``bool()`` of one
+(e.g. a loss counting its non-finite rows, SiD) would fail; they return 0 / 0.0 / False instead, the
+all-finite, nothing-dropped path, and ``scalars_read`` counts them so that plan can say so.
+
 Limits: only the top-level call of a Python-level torch function is seen (a composite such as
 ``F.multi_head_attention_forward`` is not unfolded); regions that turn autocast off
 (``torch.autocast(enabled=False)``) are not seen on meta (in DMD2 the one such region is under
@@ -39,6 +43,9 @@ FP32 = {"layer_norm", "group_norm", "rms_norm", "softmax", "log_softmax", "exp",
         "softplus", "cumsum", "cumprod", "prod", "norm", "vector_norm", "logsumexp", "mse_loss", "l1_loss",
         "smooth_l1_loss", "huber_loss", "binary_cross_entropy_with_logits", "cross_entropy", "nll_loss",
         "kl_div", "cosine_similarity", "cdist", "dist", "renorm"}
+
+
+_SCALARS = {"item": 0, "__int__": 0, "__float__": 0.0, "__bool__": False}
 
 
 class _FusedAttentionMemory(torch.autograd.Function):
@@ -73,6 +80,7 @@ class MetaAutocast(TorchFunctionMode):
         super().__init__()
         self.dtype = dtype
         self._cache: dict[int, torch.Tensor] = {}
+        self.scalars_read = 0
 
     def _cast(self, x, dtype: torch.dtype):
         if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or x.dtype == dtype:
@@ -92,6 +100,9 @@ class MetaAutocast(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if name in _SCALARS and args and getattr(args[0], "is_meta", False):
+            self.scalars_read += 1
+            return _SCALARS[name]
         dtype = None
         if self.dtype is not None:
             dtype = self.dtype if name in LOWER else torch.float32 if name in FP32 else None
