@@ -471,12 +471,12 @@ class Trainer:
                 if self.step < cfg.steps and (due or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save()
                 if self.sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0 \
-                        and self.accelerator.is_main_process:
+                        and self._samples_here():
                     self.write_samples()
                 if self.eval_fn and cfg.eval_every and self.step % cfg.eval_every == 0:
                     self.evaluate()
             self.save()
-            if self.sample_fn and cfg.sample_every and self.accelerator.is_main_process:
+            if self.sample_fn and cfg.sample_every and self._samples_here():
                 self.write_samples()
         finally:
             if installed:
@@ -493,9 +493,9 @@ class Trainer:
         """Run ``eval_fn`` (EMA swapped in), log ``eval_<metric>``, keep the best checkpoint by FID."""
         if self.ema is not None:
             with self.ema.swapped():
-                values = self.eval_fn(self.step)
+                values = self._resharded(self.eval_fn, self.step)
         else:
-            values = self.eval_fn(self.step)
+            values = self._resharded(self.eval_fn, self.step)
         self._log({f"eval_{k}": float(v) for k, v in values.items()})
         # the best checkpoint by a distance (lower is better): FID, else the first Frechet distance asked for
         key = next((k for k in values if k == "fid"), None) or next((k for k in values if k.startswith("fd_")), None)
@@ -513,11 +513,35 @@ class Trainer:
                 self.accelerator.wait_for_everyone()
         return values
 
+    def _samples_here(self) -> bool:
+        """The main process samples; under FSDP every process takes part in the student's forwards."""
+        return self.accelerator.is_main_process or self.parallel == "fsdp"
+
+    def _resharded(self, fn, *args):
+        """``fn(*args)``, then every FSDP unit resharded: forwards without a backward leave root units gathered,
+        and the EMA swap-back and the next step must see the shards (distill.parallel.reshard)."""
+        try:
+            return fn(*args)
+        finally:
+            reshard(self._fsdp_units)
+
     def write_samples(self) -> None:
         (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
         stem = self.out_dir / "samples" / f"step_{self.step:08d}"
-        if self.ema is not None:
-            with self.ema.swapped():
-                self.sample_fn(self.step, stem)
-        else:
-            self.sample_fn(self.step, stem)
+        scratch = None
+        if not self.accelerator.is_main_process:  # FSDP: the same grid on every process; only rank 0 keeps it
+            import tempfile
+
+            scratch = Path(tempfile.mkdtemp(prefix="distill-samples-"))
+            stem = scratch / stem.name
+        try:
+            if self.ema is not None:
+                with self.ema.swapped():
+                    self._resharded(self.sample_fn, self.step, stem)
+            else:
+                self._resharded(self.sample_fn, self.step, stem)
+        finally:
+            if scratch is not None:
+                import shutil
+
+                shutil.rmtree(scratch, ignore_errors=True)

@@ -144,8 +144,6 @@ def fsdp_refusal(method, train_config) -> str | None:
         # gathers a unit in one dtype, and the adapters switch per role inside the same units; not built yet
         return ("LoRA roles (adapters on one shared frozen base) are not sharded yet: use train.parallel=ddp for "
                 "LoRA recipes (each process holds the one bf16 base plus the small adapters)")
-    if getattr(train_config, "sample_every", 0):
-        return "train.sample_every needs every process to sample under FSDP; set it to 0 (sample after training)"
     return None
 
 
