@@ -11,7 +11,8 @@ numerically the same run as one process.
   step 4-5's losses, with 2 processes and with 1 process resuming the 2-process checkpoint;
 * the export (full weights gathered from the shards) loads in ``StableDiffusionXLPipeline`` and matches the
   single-process export;
-* SiD: the generator's gradient flows through the frozen, sharded teacher and fake score.
+* SiD: the generator's gradient flows through the frozen, sharded teacher and fake score; a sample grid
+  during training (every process runs the student's forwards, rank 0 writes it).
 """
 from __future__ import annotations
 
@@ -242,7 +243,10 @@ def test_fsdp_sid_two_processes(tiny_sdxl_dir, tmp_path, torch_single_thread):
     recipe = _recipe(tmp_path, tiny_sdxl_dir, {"name": "sid", "guidance_scale": 4.5, "alpha": 1.0},
                      timesteps=[625], noise_scale="sigma")
     two, one = tmp_path / "two", tmp_path / "one"
-    _torchrun(tmp_path, tmp_path / "info", ["train", str(recipe), "--out", str(two), "--no-progress"])
+    # (with a sample grid at step 5: under FSDP both processes run the student's forwards, rank 0 writes it)
+    _torchrun(tmp_path, tmp_path / "info", ["train", str(recipe), "--out", str(two), "--no-progress",
+                                            "train.sample_every=5", "train.sample_count=2"])
     _check_shards(tmp_path / "info")
+    assert [p.name for p in (two / "samples").iterdir()] == ["step_00000005.png"]
     assert cli_main(["train", str(recipe), "--out", str(one), "--no-progress", "train.parallel=ddp"]) == 0
     _assert_same_losses(_losses(one), _losses(two), range(1, 6))
