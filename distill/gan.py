@@ -6,10 +6,11 @@ too. A forward hook taps the bottleneck and stops the forward there (the decoder
 logit), which saves roughly half of the fake score's compute for GAN passes.
 
 Under FSDP2 the forward is not stopped (``Discriminator.stop_early = False``, set by
-``distill.parallel.shard_roles``): an exception out of the bottleneck would skip the sharded backbone's
-post-forward hooks (the root's parameters stay gathered and its state stays "in forward"). The full forward
-costs the decoder's compute for GAN passes; the decoder's output is unused, so it takes no part in the
-backward and the logits are the same numbers as with the early stop.
+``distill.parallel.shard_roles``): an exception out of the bottleneck skips the sharded backbone's
+post-forward hooks (its root state stays "in forward", the last all-gather buffer is not released), which is
+outside FSDP2's supported use. The full forward costs the decoder's compute for GAN passes; the decoder's
+output is unused, so it takes no part in the backward and the logits are the same numbers as with the early
+stop (tests/test_gan.py).
 """
 from __future__ import annotations
 
