@@ -107,11 +107,19 @@ def check_parallel(train_config, world_size: int) -> str:
     return mode
 
 
+# one frozen base (the teacher's dtype) holds the student's and the fake score's fp32 adapters: FSDP2 gathers a
+# unit in one dtype, sharding replaces the parameters the role views hold, and the adapters switch per role
+# inside the same units; not built yet
+LORA_UNDER_FSDP = ("LoRA roles (adapters on one shared frozen base) are not sharded yet: use train.parallel=ddp "
+                   "for LoRA recipes (each process holds the one bf16 base plus the small adapters)")
+
+
 def validate_run_config(config, world_size: int = 1, device_type: str = "cpu") -> None:
     """Refuse, in one line and before anything is built, settings the engine cannot honour."""
     train = config.train
     check_mixed_precision(train.mixed_precision)
-    check_parallel(train, world_size)
+    if check_parallel(train, world_size) == "fsdp" and (config.student.lora or config.fake_score.lora):
+        raise ToolkitError(f"train.parallel fsdp: {LORA_UNDER_FSDP}")
     for section in ("generator_optim", "critic_optim"):
         kind = getattr(config, section).kind
         if kind not in OPTIMIZERS:
@@ -140,10 +148,7 @@ def fsdp_refusal(method, train_config) -> str | None:
 
     roles = [getattr(method, n, None) for n in ("teacher", "student", "fake_score")]
     if any(isinstance(m, AdapterView) for r in roles if r is not None for m in r.modules()):
-        # one frozen base (the teacher's dtype) holds the student's and the fake score's fp32 adapters: FSDP2
-        # gathers a unit in one dtype, and the adapters switch per role inside the same units; not built yet
-        return ("LoRA roles (adapters on one shared frozen base) are not sharded yet: use train.parallel=ddp for "
-                "LoRA recipes (each process holds the one bf16 base plus the small adapters)")
+        return LORA_UNDER_FSDP
     return None
 
 
