@@ -3,7 +3,9 @@
 resumed to step 5, against an uninterrupted ``ddp`` run. Writes the per-step losses and the largest relative
 difference to a JSON file.
 
-    python benchmarks/fsdp_gpu_check.py WORK_DIR OUT.json
+    python benchmarks/fsdp_gpu_check.py WORK_DIR OUT.json     # (or: bash benchmarks/gpu_check.sh fsdp)
+
+It also runs on a CPU (gloo): there, 30 s and a largest relative loss difference of 2.7e-6. Not yet run on a GPU.
 """
 from __future__ import annotations
 
