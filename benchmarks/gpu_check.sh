@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh memory    # bf16 DMD2 on an SDXL-layout UNet: peak memory vs `distill plan`
 #   bash benchmarks/gpu_check.sh fid       # FID pipeline throughput against clean-fid's gen= path
 #   bash benchmarks/gpu_check.sh cli       # train / sample / export a toy and the digits demo on the GPU
+#   bash benchmarks/gpu_check.sh fsdp      # FSDP2 DMD2 + GAN head on nccl, sharded checkpoint resume vs ddp
 #
 # Logs and result files go to $OUT (default benchmarks/results). Each part has its own time limit so one
 # slow part cannot eat the others' time.
@@ -36,5 +37,7 @@ for what in "${@:-devices memory fid cli}"; do for w in $what; do case $w in
       && distill sample $tmp/toy --n 4096 --out $tmp/toy.npy --device cuda"
     part cli_demo 300 distill demo --out "$tmp/demo" --methods dmd2,sid,lcm --no-progress
     cp "$tmp/demo/report.md" "$OUT/demo_report.md" ;;
+  fsdp)
+    part fsdp 200 $PY benchmarks/fsdp_gpu_check.py "$(mktemp -d)" "$OUT/fsdp_gpu_check.json" ;;
   *) echo "unknown part $w"; exit 2 ;;
 esac; done; done

@@ -7,6 +7,13 @@ A checkpoint is a folder ``RUN/checkpoints/step_00001000/`` holding
 * ``state.json`` -- step, data position, counters, and the size and sha256 of every other file in the
   folder (``files``); written last, so its presence marks a complete folder.
 
+Under FSDP (``train.parallel: fsdp``) the weights, EMA and optimiser states are instead one sharded
+``torch.distributed.checkpoint`` (DCP) folder ``dcp/`` that every process writes its shards into
+(``.metadata`` + one ``__<rank>_0.distcp`` per process); ``training_state.pt`` then holds the schedulers and
+every process's RNG state. The same temporary folder, manifest and rename make it atomic; DCP reshards at
+load, so any number of processes resumes it, and :func:`load_checkpoint` reads it as full tensors
+(``distill export``).
+
 A process killed while writing leaves only a ``.tmp-*`` folder, which is ignored (and cleaned up later),
 so the previous checkpoint stays loadable. Only the last ``keep`` checkpoints are kept. A checkpoint
 damaged afterwards (a truncated copy, a full disk, bit rot) fails :func:`verify_checkpoint`;
@@ -31,6 +38,8 @@ from safetensors.torch import load_file, save_file
 from distill.models.errors import ToolkitError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+#: the sharded DCP state's sub-folder of a checkpoint written under FSDP
+DCP_DIR = "dcp"
 #: RUN/checkpoints/warm_start/step_*: the regression warm start's progress (distill/warm_start.py); the first
 #: training checkpoint supersedes it, and :func:`prune` then deletes it
 WARM_START_DIR = "warm_start"
@@ -69,16 +78,35 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
+def temporary_folder(root: str | Path, step: int, owner_pid: int | None = None) -> Path:
+    """Where ``step``'s checkpoint is written before its rename: ``root/.tmp-step_{step}-{pid}``.
+
+    ``owner_pid``: the pid of the process that finishes the checkpoint (rank 0); :func:`prune` keeps the folder
+    of a living writer with that pid and deletes other leftovers.
+    """
+    return Path(root) / f".tmp-step_{step:08d}-{owner_pid if owner_pid is not None else os.getpid()}"
+
+
+def fresh_folder(path: Path) -> Path:
+    """``path`` created empty (a leftover of an earlier attempt with the same name removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 def save_checkpoint(root: str | Path, step: int, weights: dict[str, dict[str, torch.Tensor]], training_state: dict,
-                    state: dict, keep: int = 3) -> Path:
-    """Write ``root/step_{step}`` atomically; return its path. ``weights`` maps file stem -> state dict."""
+                    state: dict, keep: int = 3, tmp: Path | None = None) -> Path:
+    """Write ``root/step_{step}`` atomically; return its path. ``weights`` maps file stem -> state dict.
+
+    ``tmp``: a :func:`temporary_folder` other processes already wrote into (the sharded ``dcp/`` state under
+    FSDP); its files join the manifest and the rename. Default: a fresh one of this process.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if tmp is None:
+        tmp = fresh_folder(temporary_folder(root, step))
     for name, tensors in weights.items():
         save_file(_contiguous(tensors), str(tmp / f"{name}.safetensors"))
     torch.save(training_state, tmp / "training_state.pt")
@@ -224,11 +252,41 @@ def resolve_resume(resume: str | Path | None, root: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
-    """Return (weights by file stem, training_state, state)."""
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    """True for a checkpoint written under FSDP (sharded DCP state in ``dcp/``)."""
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
+
+
+def read_sharded_full(path: str | Path, keys: set[str] | None = None) -> dict:
+    """The sharded DCP state of checkpoint ``path`` as full CPU tensors in this one process (no collective):
+    ``{"weights": {stem: {name: tensor}}, "optimizers": {name: optimizer state dict}}``, only ``keys`` if given.
+
+    Uses DCP's own full-read path (as ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` does).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(Path(path) / DCP_DIR)),
+                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    return state
+
+
+def load_checkpoint(path: str | Path, optimizers: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
+    """Return (weights by file stem, training_state, state), as full CPU tensors whatever wrote them.
+
+    ``optimizers=False`` skips reading a sharded checkpoint's optimiser states (twice the weights; an export
+    needs none of them).
+    """
     path = Path(path)
     weights = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
     training_state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    if is_dcp_checkpoint(path):
+        full = read_sharded_full(path, {"weights", "optimizers"} if optimizers else {"weights"})
+        weights.update(full["weights"])
+        if optimizers:
+            training_state["optimizers"] = full["optimizers"]
     with open(path / "state.json") as f:
         state = json.load(f)
     return weights, training_state, state

@@ -130,7 +130,7 @@ def load_run(run: str | Path, use_ema: bool = True, device=None):
     from distill.parallel import default_device
 
     models = build_models(config, need_fake_score=False, device=default_device(device))
-    weights, _, _ = ckpt.load_checkpoint(newest)
+    weights, _, _ = ckpt.load_checkpoint(newest, optimizers=False)
     from distill.engine import _load_trainable_state
 
     key = "student_ema" if use_ema and "student_ema" in weights else "student"

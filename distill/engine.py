@@ -32,6 +32,7 @@ from distill.config import OptimConfig, TrainConfig
 from distill.ema import EMA
 from distill.methods.base import Batch, Method, frozen
 from distill.models.errors import ToolkitError
+from distill.parallel import reshard
 
 
 class BatchSource(Protocol):
@@ -144,13 +145,17 @@ class Trainer:
         for module in vars(method).values():
             if isinstance(module, nn.Module):
                 module.to(self.device)
+        self._fsdp_units: list[nn.Module] = []  # FSDP2 units, resharded after each optimiser step
         if self.parallel == "fsdp":
             from distill.parallel import fsdp_refusal, shard_roles
 
             why = fsdp_refusal(method, config)
             if why:
                 raise ToolkitError(f"train.parallel fsdp: {why}")
-            shard_roles(method, config.fsdp, self.device)  # before the optimisers: parameters become shards
+            from distill.parallel import fsdp_units
+
+            sharded = shard_roles(method, config.fsdp, self.device)  # before the optimisers: parameters become shards
+            self._fsdp_units = fsdp_units(sharded.values())
         self.turns: dict[str, _Turn] = {}
         for name, params, cfg in (("generator", method.generator_parameters(), generator_optim),
                                   ("critic", method.critic_parameters(), critic_optim)):
@@ -187,46 +192,54 @@ class Trainer:
     def _turn_modules(self, name: str) -> dict[str, nn.Module]:
         return self.method.generator_modules() if name == "generator" else self.method.critic_modules()
 
-    def _optimizer_states(self) -> dict:
-        """Per optimiser: its state_dict, or under FSDP the full state keyed by parameter name (all processes
-        gather it; any world size loads it)."""
-        if self.parallel != "fsdp":
-            return {n: t.optimizer.state_dict() for n, t in self.turns.items()}
-        from distill.parallel import full_optimizer_state
-
-        return {n: full_optimizer_state(self._turn_modules(n), t.optimizer) for n, t in self.turns.items()}
-
     def save(self, root: Path | None = None, keep: int | None = None) -> Path | None:
         """Write a checkpoint of the current step to ``root`` (default: the run's checkpoints; ``keep`` the newest
         to keep) from the main process; every process waits for it.
 
-        Under FSDP every process first takes part in gathering full weights and optimiser states (so the
-        checkpoint is the same single-process format, loadable at any world size and by ``distill export``).
+        Under FSDP every process writes its own shards of the weights, EMA and optimiser states
+        (torch.distributed.checkpoint, distill/sharded_checkpoint.py): any world size resumes it, and
+        ``distill export`` reads it as full weights.
         """
         root = self.checkpoint_root if root is None else root
         keep = self.config.keep_checkpoints if keep is None else keep
+        schedulers = {n: t.scheduler.state_dict() for n, t in self.turns.items()}
+        state = {"data_position": self.step * self.data.global_batch_size, "nan_total": self.nan_total,
+                 "nan_streak": self.nan_streak, "world_size": self.world}
         path = None
         if self.parallel == "fsdp":
-            from distill.parallel import full_tensors
+            from distill.sharded_checkpoint import save_sharded
 
-            weights = {n: full_tensors(w) for n, w in self.state_weights().items()}
-            optimizers = self._optimizer_states()
-        if self.accelerator.is_main_process:
-            if self.parallel != "fsdp":
-                weights, optimizers = self.state_weights(), self._optimizer_states()
-            training_state = {
-                "optimizers": optimizers,
-                "schedulers": {n: t.scheduler.state_dict() for n, t in self.turns.items()},
-                "rng": ckpt.rng_state(),
-            }
-            state = {"data_position": self.step * self.data.global_batch_size, "nan_total": self.nan_total,
-                     "nan_streak": self.nan_streak, "world_size": self.world}
-            path = ckpt.save_checkpoint(root, self.step, weights, training_state, state, keep=keep)
+            path = save_sharded(root, self.step, self.state_weights(), self._sharded_optimizers(),
+                                {"schedulers": schedulers}, state, keep)
+        elif self.accelerator.is_main_process:
+            training_state = {"optimizers": {n: t.optimizer.state_dict() for n, t in self.turns.items()},
+                              "schedulers": schedulers, "rng": ckpt.rng_state()}
+            path = ckpt.save_checkpoint(root, self.step, self.state_weights(), training_state, state, keep=keep)
         self.accelerator.wait_for_everyone()
         self._last_save = time.monotonic()
         return path
 
+    def _sharded_optimizers(self) -> dict:
+        """Per turn: (its modules by name, its optimiser), as the sharded checkpoint takes them."""
+        return {n: (self._turn_modules(n), t.optimizer) for n, t in self.turns.items()}
+
+    def _load_sharded(self, path: Path) -> None:
+        """Resume an FSDP run from a sharded checkpoint (all processes; any world size)."""
+        from distill.sharded_checkpoint import load_sharded
+
+        state = json.loads((path / "state.json").read_text())
+        training_state = load_sharded(path, self.state_weights(), self._sharded_optimizers(),
+                                      self.method.load_extra_state)
+        for name, turn in self.turns.items():
+            turn.scheduler.load_state_dict(training_state["schedulers"][name])
+        ckpt.set_rng_state(training_state["rng"])
+        self.step = int(state["step"])
+        self.nan_total, self.nan_streak = int(state.get("nan_total", 0)), int(state.get("nan_streak", 0))
+
     def _load(self, path: Path) -> None:
+        if self.parallel == "fsdp" and ckpt.is_dcp_checkpoint(path):
+            return self._load_sharded(path)
+        # otherwise full tensors (a sharded checkpoint read in full: e.g. an FSDP run resumed with ddp)
         weights, training_state, state = ckpt.load_checkpoint(path)
         for name, module in self._modules().items():
             if name not in weights:
@@ -240,7 +253,7 @@ class Trainer:
         if "method_state" in weights:
             self.method.load_extra_state(weights["method_state"])
         for name, turn in self.turns.items():
-            if self.parallel == "fsdp":
+            if self.parallel == "fsdp" or ckpt.is_dcp_checkpoint(path):  # full states keyed by parameter name
                 from distill.parallel import load_full_optimizer_state
 
                 load_full_optimizer_state(self._turn_modules(name), turn.optimizer, training_state["optimizers"][name])
@@ -341,6 +354,7 @@ class Trainer:
                     samples[id(batch)] = self.method.last_sample
                 return loss, batch_logs
             gen_logs = self._update(self.turns["generator"], gen_loss, batches)
+            reshard(self._fsdp_units)  # FSDP: no unit stays gathered past an optimiser step
             if "skipped" not in gen_logs:
                 if self.ema is not None:
                     self.ema.update()
@@ -349,6 +363,7 @@ class Trainer:
         if "critic" in self.turns:
             critic_logs = self._update(self.turns["critic"],
                                        lambda b: self.method.critic_loss(b, samples.get(id(b))), batches)
+            reshard(self._fsdp_units)
             if "skipped" in critic_logs:
                 logs["skipped"] = 1.0
             # a name both turns log (a method's shared diagnostic) keeps both values, the critic's prefixed
@@ -456,12 +471,12 @@ class Trainer:
                 if self.step < cfg.steps and (due or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save()
                 if self.sample_fn and cfg.sample_every and self.step % cfg.sample_every == 0 \
-                        and self.accelerator.is_main_process:
+                        and self._samples_here():
                     self.write_samples()
                 if self.eval_fn and cfg.eval_every and self.step % cfg.eval_every == 0:
                     self.evaluate()
             self.save()
-            if self.sample_fn and cfg.sample_every and self.accelerator.is_main_process:
+            if self.sample_fn and cfg.sample_every and self._samples_here():
                 self.write_samples()
         finally:
             if installed:
@@ -478,9 +493,9 @@ class Trainer:
         """Run ``eval_fn`` (EMA swapped in), log ``eval_<metric>``, keep the best checkpoint by FID."""
         if self.ema is not None:
             with self.ema.swapped():
-                values = self.eval_fn(self.step)
+                values = self._resharded(self.eval_fn, self.step)
         else:
-            values = self.eval_fn(self.step)
+            values = self._resharded(self.eval_fn, self.step)
         self._log({f"eval_{k}": float(v) for k, v in values.items()})
         # the best checkpoint by a distance (lower is better): FID, else the first Frechet distance asked for
         key = next((k for k in values if k == "fid"), None) or next((k for k in values if k.startswith("fd_")), None)
@@ -498,11 +513,35 @@ class Trainer:
                 self.accelerator.wait_for_everyone()
         return values
 
+    def _samples_here(self) -> bool:
+        """The main process samples; under FSDP every process takes part in the student's forwards."""
+        return self.accelerator.is_main_process or self.parallel == "fsdp"
+
+    def _resharded(self, fn, *args):
+        """``fn(*args)``, then every FSDP unit resharded: forwards without a backward leave root units gathered,
+        and the EMA swap-back and the next step must see the shards (distill.parallel.reshard)."""
+        try:
+            return fn(*args)
+        finally:
+            reshard(self._fsdp_units)
+
     def write_samples(self) -> None:
         (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
         stem = self.out_dir / "samples" / f"step_{self.step:08d}"
-        if self.ema is not None:
-            with self.ema.swapped():
-                self.sample_fn(self.step, stem)
-        else:
-            self.sample_fn(self.step, stem)
+        scratch = None
+        if not self.accelerator.is_main_process:  # FSDP: the same grid on every process; only rank 0 keeps it
+            import tempfile
+
+            scratch = Path(tempfile.mkdtemp(prefix="distill-samples-"))
+            stem = scratch / stem.name
+        try:
+            if self.ema is not None:
+                with self.ema.swapped():
+                    self._resharded(self.sample_fn, self.step, stem)
+            else:
+                self._resharded(self.sample_fn, self.step, stem)
+        finally:
+            if scratch is not None:
+                import shutil
+
+                shutil.rmtree(scratch, ignore_errors=True)

@@ -4,6 +4,13 @@ The discriminator is not a separate network: it is a small head on the **fake sc
 (mid-block) features, so the fake score's encoder and mid block are trained by the discriminator loss
 too. A forward hook taps the bottleneck and stops the forward there (the decoder is not needed for a
 logit), which saves roughly half of the fake score's compute for GAN passes.
+
+Under FSDP2 the forward is not stopped (``Discriminator.stop_early = False``, set by
+``distill.parallel.shard_roles``): an exception out of the bottleneck skips the sharded backbone's
+post-forward hooks (its root state stays "in forward", the last all-gather buffer is not released), which is
+outside FSDP2's supported use. The full forward costs the decoder's compute for GAN passes; the decoder's
+output is unused, so it takes no part in the backward and the logits are the same numbers as with the early
+stop (tests/test_gan.py).
 """
 from __future__ import annotations
 
@@ -50,18 +57,23 @@ def default_feature_module(backbone: nn.Module) -> str:
 
 
 class FeatureTap:
-    """Runs a backbone up to ``module_name`` and returns that module's output."""
+    """Runs a backbone up to ``module_name`` and returns that module's output.
 
-    def __init__(self, backbone: nn.Module, module_name: str):
+    ``stop=False`` runs the whole forward and only records the output (FSDP2: see the module docstring).
+    """
+
+    def __init__(self, backbone: nn.Module, module_name: str, stop: bool = True):
         backbone = _tree(backbone)
         self.module = dict(backbone.named_modules()).get(module_name)
         if self.module is None:
             raise ValueError(f"the fake score has no submodule {module_name!r} for the GAN head")
         self.features: torch.Tensor | None = None
+        self.stop = stop
 
     def _hook(self, module, inputs, output):
         self.features = output[0] if isinstance(output, tuple) else output
-        raise _StopForward
+        if self.stop:
+            raise _StopForward
 
     def __call__(self, run) -> torch.Tensor:
         handle = self.module.register_forward_hook(self._hook)
@@ -112,11 +124,17 @@ class DiscriminatorHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).reshape(features.shape[0])
+        # a new tensor, not a view of the net's output (FSDP2 hooks a sharded head's output for its backward)
+        return self.net(features).flatten(1).sum(1)
 
 
 class Discriminator(nn.Module):
-    """Head + tap on the fake score's backbone: ``logits(x_t, t, cond)``."""
+    """Head + tap on the fake score's backbone: ``logits(x_t, t, cond)``.
+
+    ``stop_early``: stop the fake score's forward at the tapped module (False under FSDP2).
+    """
+
+    stop_early: bool = True
 
     def __init__(self, fake_denoiser, feature_module: str | None = None, example: torch.Tensor | None = None,
                  example_t: torch.Tensor | None = None, example_cond: Cond | None = None):
@@ -130,7 +148,7 @@ class Discriminator(nn.Module):
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
         denoiser = self._fake[0]
-        tap = FeatureTap(denoiser.backbone, self.feature_module)
+        tap = FeatureTap(denoiser.backbone, self.feature_module, stop=self.stop_early)
         kwargs = (cond.kwargs if cond is not None else {})
         return tap(lambda: denoiser.raw(x_t, t, kwargs)).float()
 

@@ -107,11 +107,19 @@ def check_parallel(train_config, world_size: int) -> str:
     return mode
 
 
+# one frozen base (the teacher's dtype) holds the student's and the fake score's fp32 adapters: FSDP2 gathers a
+# unit in one dtype, sharding replaces the parameters the role views hold, and the adapters switch per role
+# inside the same units; not built yet
+LORA_UNDER_FSDP = ("LoRA roles (adapters on one shared frozen base) are not sharded yet: use train.parallel=ddp "
+                   "for LoRA recipes (each process holds the one bf16 base plus the small adapters)")
+
+
 def validate_run_config(config, world_size: int = 1, device_type: str = "cpu") -> None:
     """Refuse, in one line and before anything is built, settings the engine cannot honour."""
     train = config.train
     check_mixed_precision(train.mixed_precision)
-    check_parallel(train, world_size)
+    if check_parallel(train, world_size) == "fsdp" and (config.student.lora or config.fake_score.lora):
+        raise ToolkitError(f"train.parallel fsdp: {LORA_UNDER_FSDP}")
     for section in ("generator_optim", "critic_optim"):
         kind = getattr(config, section).kind
         if kind not in OPTIMIZERS:
@@ -138,14 +146,9 @@ def fsdp_refusal(method, train_config) -> str | None:
     """Why the engine cannot shard this run with FSDP2 (None: it can)."""
     from distill.models.roles import AdapterView
 
-    if getattr(method, "discriminator", None) is not None:
-        return ("the GAN head stops the fake score's forward at its bottleneck, which FSDP2's forward hooks "
-                "cannot survive: use train.parallel=ddp for GAN recipes")
     roles = [getattr(method, n, None) for n in ("teacher", "student", "fake_score")]
     if any(isinstance(m, AdapterView) for r in roles if r is not None for m in r.modules()):
-        return "LoRA roles share one frozen base and are small: use train.parallel=ddp for LoRA recipes"
-    if getattr(train_config, "sample_every", 0):
-        return "train.sample_every needs every process to sample under FSDP; set it to 0 (sample after training)"
+        return LORA_UNDER_FSDP
     return None
 
 
@@ -154,8 +157,10 @@ def shard_roles(method, fsdp_config, device: torch.device) -> dict[str, torch.nn
 
     Trainable roles (student, fake score) keep fp32 parameters and reduce gradients in fp32; the frozen
     teacher keeps its own dtype (bf16 for large teachers) and has nothing to reduce. Each UNet block is its
-    own unit, then the backbone root. Returns the sharded backbones by role. Build the optimisers after this:
-    sharding replaces the parameters by DTensors holding this process's shard.
+    own unit, then the backbone root. A GAN head (DMD2) is sharded as its own unit, and its tap then runs the
+    fake score's full forward (distill/gan.py: an early stop would skip FSDP2's post-forward hooks). Returns
+    the sharded modules by role. Build the optimisers after this: sharding replaces the parameters by
+    DTensors holding this process's shard.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -171,6 +176,10 @@ def shard_roles(method, fsdp_config, device: torch.device) -> dict[str, torch.nn
     kwargs = dict(mesh=mesh, reshard_after_forward=bool(fsdp_config.reshard_after_forward))
     if fsdp_config.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    # the root units keep their (small: conv_in, embeddings, conv_out) parameters gathered from forward to backward
+    # (FSDP2's default for roots): a GAN pass uses the fake score's bottleneck, not its output, so the root's
+    # pre-backward hook never fires, and resharded parameters would be missing in the backward to the student
+    root_kwargs = {**kwargs, "reshard_after_forward": None if kwargs["reshard_after_forward"] else False}
     sharded = {}
     for name in ("student", "fake_score", "teacher"):
         role = getattr(method, name, None)
@@ -183,20 +192,40 @@ def shard_roles(method, fsdp_config, device: torch.device) -> dict[str, torch.nn
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32) if trainable else MixedPrecisionPolicy()
         for unit in _blocks(backbone):
             fully_shard(unit, mp_policy=mp, **kwargs)
-        fully_shard(backbone, mp_policy=mp, **kwargs)
+        fully_shard(backbone, mp_policy=mp, **root_kwargs)
         sharded[name] = backbone
+    discriminator = getattr(method, "discriminator", None)
+    if discriminator is not None:
+        discriminator.stop_early = False
+        fully_shard(discriminator.head, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32), **root_kwargs)
+        sharded["discriminator"] = discriminator.head
     return sharded
+
+
+def fsdp_units(modules) -> list[torch.nn.Module]:
+    """Every FSDP2 unit (``fully_shard``-ed module) inside ``modules``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for module in modules for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(units: list[torch.nn.Module]) -> None:
+    """Free the gathered parameters of every unit in ``units`` (no communication).
+
+    Call it after each optimiser step. A unit can stay gathered after a forward without a backward (a root
+    unit, which FSDP2 keeps gathered for the backward; a forward under no_grad, such as the critic step's
+    student samples; or ``reshard_after_forward: false``); its next forward would reuse those weights from
+    before the step, and ``named_parameters`` would show the gathered tensors instead of the shards the
+    optimiser and the EMA hold.
+    """
+    for unit in units:
+        unit.reshard()
 
 
 def is_sharded(tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
-
-
-def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every sharded tensor gathered to a full CPU tensor (a collective: all processes call it)."""
-    return {n: (t.full_tensor() if is_sharded(t) else t).detach().cpu() for n, t in tensors.items()}
 
 
 def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -214,15 +243,8 @@ def local_elements(params) -> int:
     return sum((p.to_local() if is_sharded(p) else p).numel() for p in params)
 
 
-def full_optimizer_state(modules: dict[str, torch.nn.Module], optimizer) -> dict:
-    """The optimiser's state with full tensors keyed by parameter name (any world size can load it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def load_full_optimizer_state(modules: dict[str, torch.nn.Module], optimizer, state: dict) -> None:
+    """Load an optimiser state of full tensors keyed by parameter name (any world size, sharded or not)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(torch.nn.ModuleDict(modules), optimizer, state,

@@ -84,6 +84,34 @@ def test_discriminator_loss_trains_encoder_mid_block_and_head_only(torch_single_
     assert {id(p) for p in method.discriminator.parameters()} == {id(p) for p in method.discriminator.head.parameters()}
 
 
+def test_full_forward_tap_gives_the_early_stop_logits_and_gradients(torch_single_thread):
+    """Under FSDP2 the tap runs the whole forward (``stop_early = False``): same logits, same gradients, and the
+    decoder, although run, gets none."""
+    _, models, method, data = _build()
+    batch = data(0, slice(0, 8), None)
+    t = torch.full((8,), 300)
+    x_t = models.teacher.schedule.add_noise(batch.real, torch.randn_like(batch.real), t)
+    unet = _unet(method)
+    runs = []
+    for stop in (True, False):
+        method.discriminator.stop_early = stop
+        ran = []
+        handle = unet.conv_out.register_forward_hook(lambda *_: ran.append(1))
+        logits = method.discriminator(x_t, t, None)
+        handle.remove()
+        logits.sum().backward()
+        grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+        unet.zero_grad(set_to_none=True)
+        method.discriminator.zero_grad(set_to_none=True)
+        runs.append((logits.detach(), grads, bool(ran)))
+    (early, g_early, ran_early), (full, g_full, ran_full) = runs
+    assert not ran_early and ran_full  # the decoder ran only without the early stop
+    assert torch.equal(early, full)
+    assert g_early.keys() == g_full.keys() and g_early  # no decoder parameter got a gradient either way
+    assert not any(n.startswith(("up_blocks", "conv_out", "conv_norm_out")) for n in g_full)
+    assert all(torch.allclose(g_early[n], g_full[n], rtol=1e-6, atol=0) for n in g_early)
+
+
 def test_generator_step_leaves_fake_score_and_head_without_gradients(torch_single_thread):
     _, models, method, data = _build()
     batch = data(0, slice(0, 16), None)
