@@ -53,6 +53,14 @@ class Conditioner:
 
     def __init__(self, pipe, max_sequence_length: int = 512, negative_prompt: str = ""):
         self.pipe, self.max_sequence_length, self.negative_prompt = pipe, int(max_sequence_length), negative_prompt
+        # caption tokens take RoPE frame positions 1..L (L padded to 32), the image the next one: past the
+        # table that is an index error on the CPU and a device-side assert on a GPU, so refuse it here
+        lens = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "axes_lens", None)
+        padded = -(-self.max_sequence_length // 32) * 32
+        if lens is not None and padded + 1 >= lens[0]:
+            raise ToolkitError(f"teacher.max_sequence_length {self.max_sequence_length} (padded to {padded}) leaves "
+                               f"no RoPE frame position for the image in this transformer (axes_lens[0] = "
+                               f"{lens[0]}): set it below {lens[0] - 32}")
 
     def _padded(self, feats: list[torch.Tensor]) -> dict:
         n = self.max_sequence_length
