@@ -191,8 +191,16 @@ def enable_gradient_checkpointing(models: Models) -> None:
     usable = [b for b in backbones.values() if hasattr(b, "enable_gradient_checkpointing")]
     if not usable:
         raise ToolkitError("train.gradient_checkpointing needs a diffusers backbone (UNet); toy nets have none")
+    from distill.models.roles import AdapterView, adapter_checkpoint
+
+    shared_lora = any(isinstance(m, AdapterView) for r in (models.teacher, models.student, models.fake_score)
+                      if isinstance(r, torch.nn.Module) for m in r.modules())
     for backbone in usable:
-        backbone.enable_gradient_checkpointing()
+        if shared_lora:  # roles switch the shared base's adapters: recompute each block under its own
+            inner = getattr(backbone, "transformer", backbone)
+            inner.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_checkpoint)
+        else:
+            backbone.enable_gradient_checkpointing()
 
 
 def place_models(models: Models, device) -> Models:

@@ -195,20 +195,50 @@ def _lora_layers(module: nn.Module):
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def adapter_checkpoint(module: nn.Module, *args):
+    """Gradient checkpointing for a block of a LoRA base shared by several roles (diffusers'
+    ``enable_gradient_checkpointing(gradient_checkpointing_func=...)``).
+
+    Checkpointing recomputes the block's forward during backward, when another role's view may have switched
+    the shared layers to its adapter (or off, for the teacher): recomputed with the wrong adapter, the block
+    saves other tensors than its forward did and autograd raises (or, worse, would differentiate another
+    role's function). So the adapter state of the block's LoRA layers at forward time is recorded and put back
+    for the recomputation, then restored.
+    """
+    import torch.utils.checkpoint
+
+    layers = _lora_layers(module)
+    at_forward = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
+
+    def run(*inputs):
+        now = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
+        for layer, (disabled, active) in zip(layers, at_forward):
+            layer._disable_adapters, layer._active_adapter = disabled, active
+        try:
+            return module(*inputs)
+        finally:
+            for layer, (disabled, active) in zip(layers, now):
+                layer._disable_adapters, layer._active_adapter = disabled, active
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
 class AdapterView(nn.Module):
     """One role's view of a backbone shared by several roles: the frozen base plus (at most) one LoRA adapter.
 
     LoRA DMD2 / ESD / LCM would otherwise hold three copies of the base UNet (a bf16 teacher and two fp32
     copies under the student's and the fake score's adapters). Here the teacher's single base carries the
     student's and the fake score's adapters (peft multi-adapter), and each role calls it through a view that
-    activates its own adapter for the call: ``adapter=None`` is the teacher (adapters off).
+    activates its own adapter for the call: ``adapter=None`` is the teacher (adapters off). With gradient
+    checkpointing, :func:`adapter_checkpoint` puts a block's forward-time adapter back for its recomputation.
 
     Parameters: the teacher's view registers the base (so ``teacher.to(device)`` moves it); an adapter's view
     registers only its adapter's weights (``named_parameters`` holds no base weight and no other adapter), so
     optimisers, checkpoints, EMA and :class:`~distill.methods.base.frozen` see exactly the role's weights.
     Switching sets peft's layer state directly: peft's ``set_adapter`` / ``enable_adapters`` would also flip
     ``requires_grad`` of the other adapters (which the trainer controls). The switch lasts one forward call;
-    autograd has recorded which adapter was used, so backward needs no switching.
+    autograd has recorded which adapter was used, so backward needs no switching (except for checkpointed
+    recomputation, above).
 
     The base stays in its own dtype (bf16 teacher), the adapters in fp32 (peft computes the LoRA branch in
     the adapter's dtype and casts back); :attr:`compute_dtype` tells :class:`~models.denoiser.Denoiser` the

@@ -266,3 +266,30 @@ def test_zimage_resolution_past_the_rope_table_is_a_one_line_error(tiny_dirs):
     assert load_flow_components(tiny_dirs["zimage"], "zimage", resolution=32).chw[0] > 0
     with pytest.raises(ToolkitError, match="RoPE table"):
         load_flow_components(tiny_dirs["zimage"], "zimage", resolution=1024)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sana"])
+def test_gradient_checkpointing_reaches_flow_transformers(kind, tiny_dirs, tmp_path):
+    """``train.gradient_checkpointing`` turns on the transformer's own checkpointing and changes no loss
+    (DMD2 with the GAN head on two blocks: the tap's hooks fire again in backward's recomputation)."""
+    import json
+
+    from distill.build import build_run
+    from distill.config import load_config
+
+    recipe = _recipe(kind, tiny_dirs[kind], "dmd2", tmp_path / "recipe")
+    models, _, _ = build_run(load_config(recipe, ["train.gradient_checkpointing=true"]), warm_start=False)
+    from distill.models.export import unwrap_unet
+
+    assert all(unwrap_unet(r).transformer.is_gradient_checkpointing for r in (models.student, models.fake_score))
+    logs = []
+    for flag in ("false", "true"):
+        run = tmp_path / f"run_{flag}"
+        _train(recipe, run, f"train.gradient_checkpointing={flag}", "train.steps=2")
+        logs.append([json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()])
+    keys = {k for line in logs[0] for k in line if k.startswith(("loss", "generator_loss", "critic_loss"))}
+    assert keys and any(k.startswith("loss_g_gan") for k in keys)
+    for a, b in zip(logs[0], logs[1]):
+        for k in keys:
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k

@@ -96,3 +96,37 @@ def test_lora_dmd2_trains_saves_and_exports(tiny_sdxl_dir, tmp_path, torch_singl
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.load_lora_weights(str(tmp_path / "lora"))
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+def test_gradient_checkpointing_on_the_shared_base_recomputes_with_the_roles_adapter(tiny_sdxl_dir, tmp_path,
+                                                                                    torch_single_thread):
+    """Checkpointed blocks recompute in backward, after other roles switched the shared layers to their adapter
+    (or off): each block gets its forward-time adapter back, so the losses and the trained adapters equal a run
+    without checkpointing (without that, autograd raises: other tensors are saved in the recomputation)."""
+    import json
+
+    from distill import checkpoint as ckpt
+    from distill.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("teacher: {kind: sdxl}\nstudent: {lora: {rank: 4}}\nfake_score: {lora: {rank: 4}}\n"
+                      "method: {name: dmd2, generator_every: 1}\ndata: {kind: prompts}\n")
+    runs = []
+    for flag in ("false", "true"):
+        run = tmp_path / f"run_{flag}"
+        assert main(["train", str(recipe), "--out", str(run), "--no-progress", f"teacher.path={tiny_sdxl_dir}",
+                     "train.steps=2", "train.log_every=1", "data.batch_size=2", f"data.prompts={prompts}",
+                     f"train.gradient_checkpointing={flag}"]) == 0
+        logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        weights, _, _ = ckpt.load_checkpoint(ckpt.list_checkpoints(run / "checkpoints")[-1])
+        runs.append((logs, weights))
+    (logs_a, w_a), (logs_b, w_b) = runs
+    for a, b in zip(logs_a, logs_b):
+        for k in ("loss_dm", "loss_fake"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5), k
+    for role in w_a:
+        for name, t in w_a[role].items():
+            torch.testing.assert_close(w_b[role][name], t, rtol=1e-5, atol=1e-7)
