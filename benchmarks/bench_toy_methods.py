@@ -5,7 +5,8 @@ in 3-D. Each row trains the method's toy recipe from scratch (regression warm st
 and compares 4000 student samples (EMA weights) with 4000 fresh samples of the mixture. Targets (issue):
 energy <= 0.005, precision >= 0.95, every mode weight within 0.03 of the truth, <= 2 minutes on 2 CPU cores.
 
-    python benchmarks/bench_toy_methods.py [--methods sid sim dmd2] [--teachers ring8 ...] [--seeds 0 1 2]
+    python benchmarks/bench_toy_methods.py [--methods sid sim dmd2 flow_sid flow_dmd2] [--teachers ring8 ...]
+        [--seeds 0 1 2] [recipe overrides ...]
 
 Prints a table (wall and process CPU seconds, and the load average during the run) and writes
 benchmarks/results/toy_methods.json.
@@ -24,7 +25,9 @@ import torch
 from distill.toy_eval import evaluate, train_toy
 
 RECIPES = {"sid": "recipes/toy_ring8_sid.yaml", "sim": "recipes/toy_ring8_sim.yaml",
-           "dmd2": "recipes/toy_ring8_dmd2.yaml"}
+           "dmd2": "recipes/toy_ring8_dmd2.yaml",
+           # the same under a flow-matching teacher (rectified flow, shift 3; issue 15)
+           "flow_sid": "recipes/toy_ring8_flow_sid.yaml", "flow_dmd2": "recipes/toy_ring8_flow_dmd2.yaml"}
 TEACHERS = {
     "ring8": [],
     "unequal5-2d": ["teacher.preset=null", "teacher.means=[[1.5,0],[0,1.5],[-1.5,0],[0,-1.5],[0,0]]",
@@ -43,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     rows = []
-    header = (f"{'method':<6} {'teacher':<12} {'seed':>4} {'energy':>8} {'prec':>6} {'w err':>6} {'cover':>5} "
+    header = (f"{'method':<9} {'teacher':<12} {'seed':>4} {'energy':>8} {'prec':>6} {'w err':>6} {'cover':>5} "
               f"{'spread':>6} {'wall s':>7} {'cpu s':>6} {'load':>5}")
     print(header + "   targets: energy<=0.005 prec>=0.95 w err<=0.03 time<=120", flush=True)
     for method in args.methods:
@@ -62,7 +65,7 @@ def main() -> None:
                        "train_seconds": run.seconds, "cpu_seconds": cpu, "load": load,
                        "threads": torch.get_num_threads()}
                 rows.append(row)
-                print(f"{method:<6} {teacher:<12} {seed:>4} {r.energy:>8.5f} {r.precision:>6.3f} "
+                print(f"{method:<9} {teacher:<12} {seed:>4} {r.energy:>8.5f} {r.precision:>6.3f} "
                       f"{r.max_weight_error:>6.3f} {r.coverage:>3}/{row['modes']} {r.spread_ratio:>6.2f} "
                       f"{run.seconds:>7.1f} {cpu:>6.1f} {load:>5.1f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -272,7 +272,7 @@ def _build_diffusers_models(config: Config, need_fake_score: bool, device=None,
     kind = "auto" if tcfg.kind == "auto" else tcfg.kind
     size = image_size(config.data.resolution)
     micro = tuple(tcfg.resolution) if tcfg.resolution else size  # SDXL add_time_ids: teacher.resolution overrides
-    parts = load_flow_teacher(tcfg, device)  # SD3 / FLUX / Sana transformers; None for UNet pipelines
+    parts = load_flow_teacher(tcfg, device, load_text_encoders)  # SD3 / FLUX / Sana / ...; None for UNet pipelines
     if parts is None:
         parts = load_pipeline_components(tcfg.path, kind=kind, device=device or "cpu", uncond=tcfg.uncond,
                                          resolution=micro, load_text_encoders=load_text_encoders)

@@ -51,6 +51,19 @@ def _check_embeddings(manifest: dict, conditioner, where: Path) -> None:
     if not fields or set(fields) - set(stored):
         raise ToolkitError(f"{where} holds {', '.join(stored) or 'no embeddings'}; this teacher needs "
                            f"{', '.join(fields)} (encode the prompts with this teacher)")
+    # flow conditioners: e.g. a set encoded with 512 text tokens would silently change a 256-token run
+    settings = conditioner.cache_settings() if hasattr(conditioner, "cache_settings") else {}
+    changed = {k: (manifest.get("conditioner", {}).get(k), v) for k, v in settings.items()
+               if manifest.get("conditioner", {}).get(k) != v}
+    if changed:
+        raise ToolkitError(f"{where} was encoded with " + ", ".join(f"{k}={a!r}" for k, (a, _) in changed.items())
+                           + "; this run uses " + ", ".join(f"{k}={b!r}" for k, (_, b) in changed.items())
+                           + " (encode again with these settings, e.g. --max-sequence-length)")
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """Stored embeddings to float32; masks (bool / integer) keep their dtype."""
+    return x.float() if x.is_floating_point() else x
 
 
 class EmbeddedPrompts:
@@ -69,8 +82,8 @@ class EmbeddedPrompts:
 
     def cond(self, indices: Sequence[int]) -> Cond:
         fields = self.set.get(indices, self.conditioner.fields)
-        fields = {k: v.float() for k, v in fields.items()}
-        uncond = None if self.uncond is None else {k: v.float() for k, v in self.uncond.items()}
+        fields = {k: _float(v) for k, v in fields.items()}
+        uncond = None if self.uncond is None else {k: _float(v) for k, v in self.uncond.items()}
         return self.conditioner.from_embeddings(fields, uncond)
 
 
@@ -117,9 +130,15 @@ def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """VAE latents of images in [-1, 1]: the posterior mean times ``scaling_factor`` (deterministic)."""
-    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
-    return (latents * vae.config.scaling_factor).float()
+    """VAE latents of images in [-1, 1]: the posterior mean times ``scaling_factor`` (deterministic).
+
+    VAEs with a ``shift_factor`` (SD3, FLUX, Z-Image) give ``(mean - shift_factor) * scaling_factor``, as their
+    img2img pipelines do (``FluxImg2ImgPipeline._encode_vae_image``); Sana's DC-AE is deterministic (``latent``).
+    """
+    out = vae.encode(images.to(vae.device, vae.dtype))
+    latents = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return ((latents - shift) * vae.config.scaling_factor).float()
 
 
 # ------------------------------------------------------------------------------------------ real sets

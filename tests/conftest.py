@@ -42,3 +42,12 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> str:
+    """Folder of a tiny ``FluxPipeline`` (FLUX.1-dev layout with the guidance embedding, seed 0; use 32-pixel
+    images: latents 4x8x8). Do not modify it."""
+    from distill.models.testing import build_tiny_flux
+
+    return build_tiny_flux(str(tmp_path_factory.mktemp("tiny_flux")), seed=0)

@@ -293,3 +293,24 @@ def test_gradient_checkpointing_reaches_flow_transformers(kind, tiny_dirs, tmp_p
         for k in keys:
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_embeddings_rebuild_the_conditioners_own_cond(kind, tiny_dirs):
+    """What ``distill encode-prompts`` caches (``embed`` per prompt, ``embed_uncond`` once) gives back the very
+    Cond the conditioner builds from the prompts: both branches, masks (Sana, Z-Image), Sana's negative prompt
+    (no instruction prefix) and FLUX's guidance embedding included."""
+    from distill.models.backbones.common import load_flow_components
+
+    parts = load_flow_components(tiny_dirs[kind], kind, resolution=PIXELS[kind], load_vae=False,
+                                 conditioner_options={"max_sequence_length": SEQ})
+    conditioner, prompts = parts.conditioner, [PROMPT, "a dog"]
+    direct = conditioner(prompts)
+    cached = conditioner.from_embeddings({k: v[[1, 0]] for k, v in conditioner.embed(prompts[::-1]).items()},
+                                         conditioner.embed_uncond())
+    for branch in ("kwargs", "uncond"):
+        a, b = getattr(direct, branch), getattr(cached, branch)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (branch, k)
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert set(conditioner.fields) <= set(direct.kwargs)

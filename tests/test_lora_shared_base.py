@@ -130,3 +130,41 @@ def test_gradient_checkpointing_on_the_shared_base_recomputes_with_the_roles_ada
     for role in w_a:
         for name, t in w_a[role].items():
             torch.testing.assert_close(w_b[role][name], t, rtol=1e-5, atol=1e-7)
+
+def test_lora_dmd2_on_flux_holds_one_base(tiny_flux_dir, tmp_path, torch_single_thread):
+    """The same on the tiny FLUX (a flow transformer behind its adapter): every parameter and buffer storage of
+    teacher, student and fake score together is one bf16 copy of the transformer plus the two fp32 adapters."""
+    from diffusers import FluxTransformer2DModel
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    lora = "{rank: 4, target_modules: [to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, proj_mlp]}"
+    config = load_config(None, ["teacher.kind=flux", f"teacher.path={tiny_flux_dir}", "teacher.dtype=bfloat16",
+                                "teacher.resolution=[32,32]", "teacher.max_sequence_length=16",
+                                "student.timesteps=[1.0]", f"student.lora={lora}", f"fake_score.lora={lora}",
+                                "method.name=dmd2", "method.generator_every=1", "data.kind=prompts",
+                                f"data.prompts={prompts}", "data.batch_size=2", "train.mixed_precision=bf16"])
+    models, method, data = build_run(config, warm_start=False)
+    teacher, student, fake = models.teacher, models.student, models.fake_score
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer")
+    base_bytes_bf16 = sum(p.numel() for p in transformer.parameters()) * 2
+    # the teacher's cast to bf16 casts floating buffers too (FLUX's transformer has none; counted in case)
+    base_buffer_bytes = sum(b.numel() * (2 if b.is_floating_point() else b.element_size()) for b in transformer.buffers())
+
+    adapters = {"student": list(student.parameters()), "fake": list(fake.parameters())}
+    for role, params in adapters.items():
+        assert params and all(p.requires_grad and p.dtype == torch.float32 for p in params), role
+    assert not {id(p) for p in adapters["student"]} & {id(p) for p in adapters["fake"]}
+    adapter_bytes = sum(p.numel() * 4 for ps in adapters.values() for p in ps)
+    student_buffers = sum(b.numel() * b.element_size() for b in student.buffers())  # its timesteps
+
+    storages = _storages(teacher, student, fake)
+    total = sum(n for n, _ in storages.values())
+    bf16 = sum(n for n, d in storages.values() if d == torch.bfloat16)
+    floating_buffers = sum(b.numel() * 2 for b in transformer.buffers() if b.is_floating_point())
+    assert bf16 == base_bytes_bf16 + floating_buffers  # the base exactly once, in bf16
+    assert total == base_bytes_bf16 + base_buffer_bytes + adapter_bytes + student_buffers  # and nothing else
+    # the base parameters are the teacher's own tensors, one storage each: no second copy of the transformer
+    teacher_ptrs = {p.untyped_storage().data_ptr() for n, p in teacher.named_parameters() if "lora_" not in n}
+    assert len(teacher_ptrs) == sum(1 for _ in transformer.parameters())
+    assert 0 < adapter_bytes < base_bytes_bf16  # a real base and real adapters were counted

@@ -106,6 +106,78 @@ class FlowTransformer(nn.Module):
         raise NotImplementedError
 
 
+# ------------------------------------------------------------------------------------------ conditioning
+class FlowConditioner:
+    """Base of the adapters' ``Conditioner``: prompts -> :class:`~distill.models.conditioning.Cond`, and the
+    embedding cache of ``distill encode-prompts`` (``embed`` / ``embed_uncond`` / ``from_embeddings``).
+
+    A subclass sets ``fields``, the keyword arguments of its ``Backbone`` that come from text (FLUX:
+    ``encoder_hidden_states``, ``pooled_projections``), and implements ``_branches(prompts, cfg)``: those
+    arguments for the prompts and, when ``cfg``, for the negative prompt (None otherwise), both through the
+    pipeline's own ``encode_prompt``. Per-sample arguments that do not come from text (FLUX's guidance
+    embedding) come from ``_extras``. Every field is per prompt (padded to a fixed length, never to the
+    batch's longest), so an embedding cached alone equals the same prompt encoded within any batch.
+    """
+
+    fields: tuple[str, ...] = ()
+    pipe: Any = None
+    negative_prompt: str = ""
+    #: False when the pipeline was loaded without its text encoders (a run on cached embeddings)
+    text_encoders_loaded: bool = True
+
+    def _branches(self, prompts: list[str], cfg: bool) -> tuple[dict, dict | None]:
+        raise NotImplementedError
+
+    def _extras(self, n: int, device) -> dict:
+        return {}
+
+    def _require_text_encoders(self) -> None:
+        if not self.text_encoders_loaded:
+            raise ToolkitError("the text encoders were not loaded (this run reads cached embeddings from "
+                               "`distill encode-prompts`): these prompts have no cached embedding")
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> "Cond":
+        from distill.models.conditioning import Cond
+
+        self._require_text_encoders()
+        prompts = list(prompts)
+        cond, uncond = self._branches(prompts, True)
+        extras = self._extras(len(prompts), next(iter(cond.values())).device)
+        return Cond({**cond, **extras}, {**uncond, **extras})
+
+    @torch.no_grad()
+    def embed(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{field: [B, ...]}`` of the prompts (what ``distill encode-prompts`` caches per prompt)."""
+        self._require_text_encoders()
+        cond, _ = self._branches(list(prompts), False)
+        return {k: cond[k] for k in self.fields}
+
+    @torch.no_grad()
+    def embed_uncond(self) -> dict[str, torch.Tensor]:
+        """``{field: [1, ...]}`` of the unconditional branch (the negative prompt), cached once per set."""
+        self._require_text_encoders()
+        _, uncond = self._branches([""], True)
+        return {k: uncond[k] for k in self.fields}
+
+    def cache_settings(self) -> dict:
+        """Settings besides the prompt that shape the cached embeddings; a run must use the same ones."""
+        return {"max_sequence_length": int(self.max_sequence_length), "negative_prompt": self.negative_prompt}
+
+    def from_embeddings(self, fields: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None) -> "Cond":
+        """A Cond from cached embeddings (``uncond``: :meth:`embed_uncond`'s, batch 1), as ``__call__`` gives it."""
+        from distill.models.conditioning import Cond
+
+        if uncond is None:
+            raise ToolkitError("this embedding set has no uncond.safetensors (the unconditional branch)")
+        cond = {k: fields[k] for k in self.fields}
+        first = cond[self.fields[0]]
+        n, device = first.shape[0], first.device
+        neg = {k: uncond[k].to(device).expand(n, *uncond[k].shape[1:]).contiguous() for k in self.fields}
+        extras = self._extras(n, device)
+        return Cond({**cond, **extras}, {**neg, **extras})
+
+
 # ------------------------------------------------------------------------------------------ registry
 def adapter_module(kind: str):
     """The adapter module for ``kind`` (``sd3``, ``flux``, ``sana``, ...), or a ToolkitError."""
@@ -225,11 +297,13 @@ class FlowComponents:
 def load_flow_components(folder: str, kind: str, dtype: torch.dtype = torch.float32, device="cpu", *,
                          resolution: Sequence[int] | int | None = None, gan_blocks: Sequence[int] | None = None,
                          schedule_options: dict | None = None, conditioner_options: dict | None = None,
-                         load_vae: bool = True) -> FlowComponents:
+                         load_vae: bool = True, load_text_encoders: bool = True) -> FlowComponents:
     """Load a flow-transformer pipeline folder with its diffusers pipeline class and wrap its transformer.
 
     ``resolution``: image size in pixels (default: the transformer's ``sample_size`` times the VAE factor);
-    it fixes the latent shape and, for FLUX, the shift. Raises ToolkitError on a missing file or folder.
+    it fixes the latent shape and, for FLUX, the shift. ``load_text_encoders=False`` leaves the text encoders
+    out (a run on cached embeddings from ``distill encode-prompts``; FLUX's T5-XXL alone is ~9 GB in bf16): the
+    conditioner then only builds conditioning from embeddings. Raises ToolkitError on a missing file or folder.
     """
     import diffusers
 
@@ -241,6 +315,9 @@ def load_flow_components(folder: str, kind: str, dtype: torch.dtype = torch.floa
             raise ToolkitError(f"{sub}/ not found in {folder} (a diffusers {module.PIPELINE_CLASS} folder)")
     pipe_cls = getattr(diffusers, module.PIPELINE_CLASS)
     extra = {} if load_vae else {"vae": None}
+    if not load_text_encoders:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            extra.update({name: None for name in json.load(f) if name.startswith("text_encoder")})
     try:
         pipe = pipe_cls.from_pretrained(folder, dtype=dtype, **extra)
     except (OSError, ValueError) as err:
@@ -262,12 +339,13 @@ def load_flow_components(folder: str, kind: str, dtype: torch.dtype = torch.floa
         conditioner = module.Conditioner(pipe, **(conditioner_options or {}))
     except TypeError as err:  # an option another family takes (guidance_embedding is FLUX's)
         raise ToolkitError(f"teacher options do not apply to {kind}: {err}") from None
+    conditioner.text_encoders_loaded = load_text_encoders
     return FlowComponents(kind=kind, path=folder, pipe=pipe, vae=getattr(pipe, "vae", None),
                           scheduler_config=dict(pipe.scheduler.config), denoiser=denoiser, conditioner=conditioner,
                           chw=chw, resolution=res)
 
 
-def load_flow_teacher(tcfg, device=None) -> FlowComponents | None:
+def load_flow_teacher(tcfg, device=None, load_text_encoders: bool = True) -> FlowComponents | None:
     """The flow-transformer components a recipe's ``teacher`` section names, or None for a UNet pipeline.
 
     ``teacher.kind``: an adapter name (``sd3``, ``flux``, ``sana``, ...) or ``auto`` (``model_index.json``'s
@@ -293,7 +371,7 @@ def load_flow_teacher(tcfg, device=None) -> FlowComponents | None:
     parts = load_flow_components(folder, kind, torch.float32, device or "cpu",
                                  resolution=tuple(tcfg.resolution) if tcfg.resolution else None,
                                  gan_blocks=getattr(tcfg, "gan_blocks", None), schedule_options=schedule_options,
-                                 conditioner_options=conditioner_options)
+                                 conditioner_options=conditioner_options, load_text_encoders=load_text_encoders)
     dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
              "fp16": torch.float16}.get(str(tcfg.dtype))
     if dtype is not None:  # frozen text encoders in the teacher's dtype (FLUX's T5-XXL is 19 GB in fp32)

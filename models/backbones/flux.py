@@ -15,12 +15,9 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from distill.models.backbones.common import FlowTransformer
-from distill.models.conditioning import Cond
+from distill.models.backbones.common import FlowConditioner, FlowTransformer
 from distill.models.errors import ToolkitError
 
 PIPELINE_CLASS = "FluxPipeline"
@@ -67,8 +64,10 @@ class Backbone(FlowTransformer):
         return unpack(out, h, w)
 
 
-class Conditioner:
+class Conditioner(FlowConditioner):
     """Prompts -> :class:`Cond` via ``FluxPipeline.encode_prompt``; the guidance embedding rides along."""
+
+    fields = ("encoder_hidden_states", "pooled_projections")
 
     def __init__(self, pipe, max_sequence_length: int = 512, guidance_embedding: float | None = None,
                  negative_prompt: str = ""):
@@ -83,15 +82,15 @@ class Conditioner:
     def _encode(self, prompts: list[str]) -> dict:
         emb, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.pipe._execution_device,
                                                  max_sequence_length=self.max_sequence_length)
-        kwargs = {"encoder_hidden_states": emb, "pooled_projections": pooled}
-        if self.guidance_embedding is not None:
-            kwargs["guidance"] = torch.full((len(prompts),), self.guidance_embedding, device=emb.device)
-        return kwargs
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
 
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> Cond:
-        prompts = list(prompts)
-        return Cond(self._encode(prompts), self._encode([self.negative_prompt] * len(prompts)))
+    def _branches(self, prompts: list[str], cfg: bool) -> tuple[dict, dict | None]:
+        return self._encode(prompts), self._encode([self.negative_prompt] * len(prompts)) if cfg else None
+
+    def _extras(self, n: int, device) -> dict:
+        if self.guidance_embedding is None:
+            return {}
+        return {"guidance": torch.full((n,), self.guidance_embedding, device=device)}
 
 
 def default_resolution(pipe) -> tuple[int, int]:

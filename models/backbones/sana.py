@@ -12,12 +12,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
 
-import torch
-
-from distill.models.backbones.common import FlowTransformer
-from distill.models.conditioning import Cond
+from distill.models.backbones.common import FlowConditioner, FlowTransformer
 
 PIPELINE_CLASS = "SanaPipeline"
 PIPELINE_CLASS_NAMES = ("SanaPipeline",)
@@ -44,23 +40,24 @@ def _call_default(pipe, name: str):
     return inspect.signature(type(pipe).__call__).parameters[name].default
 
 
-class Conditioner:
+class Conditioner(FlowConditioner):
     """Prompts -> :class:`Cond` via ``SanaPipeline.encode_prompt`` with the pipeline's own call defaults."""
+
+    fields = ("encoder_hidden_states", "encoder_attention_mask")
 
     def __init__(self, pipe, max_sequence_length: int | None = None, negative_prompt: str = ""):
         self.pipe, self.negative_prompt = pipe, negative_prompt
         self.max_sequence_length = int(max_sequence_length or _call_default(pipe, "max_sequence_length"))
         self.complex_human_instruction = _call_default(pipe, "complex_human_instruction")
 
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> Cond:
-        prompts = list(prompts)
+    def _branches(self, prompts: list[str], cfg: bool) -> tuple[dict, dict | None]:
+        # the negative prompt has no instruction prefix and is padded to the prompts' (fixed) length
         emb, mask, neg, neg_mask = self.pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=True, negative_prompt=self.negative_prompt,
+            prompts, do_classifier_free_guidance=cfg, negative_prompt=self.negative_prompt,
             device=self.pipe._execution_device, clean_caption=False, max_sequence_length=self.max_sequence_length,
             complex_human_instruction=self.complex_human_instruction)
-        return Cond({"encoder_hidden_states": emb, "encoder_attention_mask": mask},
-                    {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask})
+        uncond = {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask} if cfg else None
+        return {"encoder_hidden_states": emb, "encoder_attention_mask": mask}, uncond
 
 
 def card_call_kwargs(conditioner) -> dict:

@@ -12,12 +12,7 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-
-from distill.models.backbones.common import FlowTransformer
-from distill.models.conditioning import Cond
+from distill.models.backbones.common import FlowConditioner, FlowTransformer
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 PIPELINE_CLASS_NAMES = ("StableDiffusion3Pipeline",)
@@ -37,21 +32,21 @@ class Backbone(FlowTransformer):
                                 pooled_projections=pooled_projections, return_dict=False)[0]
 
 
-class Conditioner:
+class Conditioner(FlowConditioner):
     """Prompts -> :class:`Cond` through ``StableDiffusion3Pipeline.encode_prompt`` (negative prompt for CFG)."""
+
+    fields = ("encoder_hidden_states", "pooled_projections")
 
     def __init__(self, pipe, max_sequence_length: int = 256, negative_prompt: str = ""):
         self.pipe, self.max_sequence_length, self.negative_prompt = pipe, int(max_sequence_length), negative_prompt
 
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> Cond:
-        prompts = list(prompts)
+    def _branches(self, prompts: list[str], cfg: bool) -> tuple[dict, dict | None]:
         emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.pipe._execution_device,
-            do_classifier_free_guidance=True, negative_prompt=[self.negative_prompt] * len(prompts),
+            do_classifier_free_guidance=cfg, negative_prompt=[self.negative_prompt] * len(prompts),
             max_sequence_length=self.max_sequence_length)
-        return Cond({"encoder_hidden_states": emb, "pooled_projections": pooled},
-                    {"encoder_hidden_states": neg, "pooled_projections": neg_pooled})
+        uncond = {"encoder_hidden_states": neg, "pooled_projections": neg_pooled} if cfg else None
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}, uncond
 
 
 def card_call_kwargs(conditioner) -> dict:

@@ -14,12 +14,9 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from distill.models.backbones.common import FlowTransformer
-from distill.models.conditioning import Cond
+from distill.models.backbones.common import FlowConditioner, FlowTransformer
 from distill.models.errors import ToolkitError
 
 PIPELINE_CLASS = "ZImagePipeline"
@@ -48,8 +45,10 @@ class Backbone(FlowTransformer):
         return -torch.stack([o.to(x.dtype) for o in out]).squeeze(2)
 
 
-class Conditioner:
+class Conditioner(FlowConditioner):
     """Prompts -> :class:`Cond` via ``ZImagePipeline.encode_prompt``, padded to ``max_sequence_length``."""
+
+    fields = ("caption_features", "caption_mask")
 
     def __init__(self, pipe, max_sequence_length: int = 512, negative_prompt: str = ""):
         self.pipe, self.max_sequence_length, self.negative_prompt = pipe, int(max_sequence_length), negative_prompt
@@ -70,14 +69,12 @@ class Conditioner:
             out[i, :len(f)], mask[i, :len(f)] = f, True
         return {"caption_features": out, "caption_mask": mask}
 
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> Cond:
-        prompts = list(prompts)
+    def _branches(self, prompts: list[str], cfg: bool) -> tuple[dict, dict | None]:
         pos, neg = self.pipe.encode_prompt(prompts, device=self.pipe._execution_device,
-                                           do_classifier_free_guidance=True,
+                                           do_classifier_free_guidance=cfg,
                                            negative_prompt=[self.negative_prompt] * len(prompts),
                                            max_sequence_length=self.max_sequence_length)
-        return Cond(self._padded(pos), self._padded(neg))
+        return self._padded(pos), self._padded(neg) if cfg else None
 
 
 def default_resolution(pipe) -> tuple[int, int]:
