@@ -41,7 +41,8 @@ def _digits(results: Path) -> None:
     rows = [_row("teacher DDIM 50 steps", 50, 2.0, 0.95, 0.90, 100.0), _row("teacher DDIM 4 steps", 4, 16.0, 0.99, 0.5, 8.0),
             _row("teacher DDIM 1 step", 1, 80.0, 0.9, 0.0, 2.0),
             _row("good student (1 step)", 1, 2.5, 0.95, 0.85, 2.0),  # 1.25x, recall -0.05: every target met
-            _row("blurry student (4 steps)", 4, 3.2, 0.95, 0.85, 8.0)]  # 1.6x: FD target missed
+            _row("blurry student (4 steps)", 4, 3.2, 0.95, 0.85, 8.0),  # 1.6x: FD target missed
+            _row("blurry student (1 step)", 1, 30.0, 0.95, 0.2, 2.0)]  # fewer steps than trained: no target line
     data = {"rows": rows}
     data["targets"] = _load("bench_digits").targets(data)  # the checks bench_digits.py writes
     (results / "digits.json").write_text(json.dumps(data))
@@ -65,6 +66,7 @@ def test_page_summary_targets_and_gpu_rows(run_all, tmp_path):
     good = summary_line("digits: good student (1 step)")
     assert "1.25x the teacher's 50-step 2.00" in good and "| yes |" in good and "test machine" in good
     assert "| no |" in summary_line("digits: blurry student (4 steps)")
+    assert not [line for line in lines if line.startswith("| digits: blurry student (1 step)")]
     # speed-up over the teacher's 50 steps: 100 ms / 2 ms
     assert "50.0x (1 NFE" in summary_line("sampler speed-up over the teacher's 50 DDIM steps: good student")
     overhead = summary_line("engine overhead")
