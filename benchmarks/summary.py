@@ -17,14 +17,16 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "no"
 
 
-def _toy_row(figure: str, r: dict, seconds: float | None) -> dict:
+def _toy_row(figure: str, r: dict, seconds: float | None, cpu_seconds: float | None = None) -> dict:
+    """Quality and time are reported apart: on a shared machine the wall time says more about the load."""
     ok = r["energy"] <= 0.005 and r["precision"] >= 0.95 and r["max_weight_error"] <= 0.03
-    time_text = ""
+    time_text, met = "", _yes(ok)
     if seconds is not None:
-        ok = ok and seconds <= 120
-        time_text = f", {seconds:.0f} s"
+        time_text = f", {seconds:.0f} s wall" + (f" / {cpu_seconds:.0f} s CPU" if cpu_seconds is not None else "")
+        met = f"quality {_yes(ok)}, time {_yes(seconds <= 120)}"
     return {"figure": figure, "result": f"energy {r['energy']:.4f}, precision {r['precision']:.3f}, "
-            f"max mode-weight error {r['max_weight_error']:.3f}{time_text}", "target": TOY_TARGET, "met": _yes(ok)}
+            f"max mode-weight error {r['max_weight_error']:.3f}{time_text}",
+            "target": TOY_TARGET if seconds is not None else TOY_TARGET.rsplit(",", 1)[0], "met": met}
 
 
 def _fewer_steps_than_trained(row: dict, students: list[dict]) -> bool:
@@ -65,7 +67,7 @@ def digits(data: dict) -> list[dict]:
 
 def teacher_ddim(data: dict) -> list[dict]:
     steps = sorted(data["ddim"], key=int)
-    text = ", ".join(f"{k} steps {data['ddim'][k]['ratio_to_floor']:.1f}x" for k in steps)
+    text = ", ".join(f"{k} step{'s' if int(k) > 1 else ''} {data['ddim'][k]['ratio_to_floor']:.1f}x" for k in steps)
     return [{"figure": "ring8 teacher DDIM: energy distance / two-sample floor",
              "result": f"{text} (floor {data['floor']:.5f}, n = {data['n']})", "target": "", "met": ""}]
 
@@ -82,8 +84,8 @@ def toy_dmd2(data: list) -> list[dict]:
 
 
 def toy_methods(data: list) -> list[dict]:
-    return [_toy_row(f"toy {r['method'].upper()} {r['teacher']} (1 step, seed {r['seed']})", r, r.get("train_seconds"))
-            for r in data]
+    return [_toy_row(f"toy {r['method'].upper()} {r['teacher']} (1 step, seed {r['seed']})", r, r.get("train_seconds"),
+                     r.get("cpu_seconds")) for r in data]
 
 
 def toy_consistency(data: dict) -> list[dict]:
