@@ -136,7 +136,7 @@ def fid_throughput(data: dict) -> list[dict]:
         speed = ours["images_per_s"] / theirs["images_per_s"]
         diff = abs(theirs["fid_rel_diff_vs_ours_gen"])
         out.append({"figure": f"FID pipeline vs clean-fid gen= path, {size} px ({cfg.get('extractor', '?')}, "
-                              f"{ours['images']} images, batch {cfg.get('batch_size', '?')}, {cfg.get('device', 'cpu')})",
+                              f"{ours['images']} images, batch {cfg.get('batch_size', '?')}, {cfg.get('device') or 'cpu'})",
                     "result": f"{speed:.1f}x ({ours['images_per_s']:.0f} vs {theirs['images_per_s']:.0f} img/s), "
                               f"FID relative difference {diff:.1e}",
                     **({"target": ">= 5x, FID equal to 1e-4", "met": _yes(speed >= 5 and diff <= 1e-4)} if gpu else
