@@ -8,6 +8,8 @@ FD and below its 1- and 4-step FD, class accuracy >= 0.9, recall at most 0.1 bel
     python benchmarks/bench_digits.py [--methods dmd2,sid] [recipe overrides ...]
 
 Writes benchmarks/results/digits/{report.md, results.json, samples.png} and benchmarks/results/digits.json.
+Finished runs in benchmarks/results/digits/runs/ are reused (same recipe); the teacher's rows are always
+recomputed, so that every ms / sample in the table comes from one run on one machine state.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="dmd2,dmd2_4step,sid,lcm")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    # the demo caches the teacher's rows for reruns; here every time in the table comes from this one run
+    (OUT / "teacher_rows.pt").unlink(missing_ok=True)
     code = distill_main(["demo", "--out", str(OUT), "--methods", args.methods, "--no-progress", *args.overrides])
     if code:
         return code

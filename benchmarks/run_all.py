@@ -15,6 +15,12 @@ Sections (each a script in benchmarks/ writing JSON to benchmarks/results/):
     python benchmarks/run_all.py --no-run         # only rewrite BENCHMARKS.md from benchmarks/results/
 
 The sampler speed-up over the teacher is the digits table's "ms / sample" column (same batch, same machine).
+
+GPU rows (FID pipeline speed on CUDA, bf16 DMD2 memory) are never run here: `bash benchmarks/gpu_check.sh fid`
+and `... memory` measure them on a CUDA machine, and their JSON is committed in benchmarks/results_gpu/ (copy a
+new measurement there to replace it). Every run of this script keeps those rows and regenerates the CPU rows.
+The page opens with a summary table (one line per headline figure, with its target, command and machine),
+built from the same JSON files as the sections below it.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+RESULTS_GPU = ROOT / "benchmarks" / "results_gpu"  # committed: measured on a CUDA machine, not rerun here
 
 
 @dataclass
@@ -37,12 +44,19 @@ class Bench:
     name: str
     title: str
     script: str
-    result: str  # JSON under benchmarks/results/
+    result: str  # JSON under benchmarks/results/ (benchmarks/results_gpu/ for GPU rows)
     args: tuple = ()
+    gpu: str | None = None  # GPU rows: `gpu_check.sh` part that measured it; read from results_gpu/, never run
 
     @property
     def command(self) -> str:
+        if self.gpu:
+            return f"bash benchmarks/gpu_check.sh {self.gpu}"
         return " ".join(["python", f"benchmarks/{self.script}", *self.args])
+
+    @property
+    def result_path(self) -> Path:
+        return (RESULTS_GPU if self.gpu else RESULTS) / self.result
 
 
 BENCHES = [
@@ -50,14 +64,22 @@ BENCHES = [
           "digits.json"),
     Bench("teacher_ddim", "Toy teacher (ring8): DDIM steps against the two-sample floor", "bench_teacher_ddim.py",
           "teacher_ddim.json"),
-    Bench("toy_dmd2", "Toys: DMD2 (one and four steps, ablations)", "bench_toy_dmd2.py", "toy_dmd2.json"),
-    Bench("toy_methods", "Toys: SiD and SIM (DMD2 for reference)", "bench_toy_methods.py", "toy_methods.json"),
+    Bench("toy_dmd2", "Toys: DMD2 on ring8 (one and four steps)", "bench_toy_dmd2.py", "toy_dmd2.json",
+          ("--only", "ring8", "ring8-4step")),
+    Bench("toy_methods", "Toys: SiD and SIM on ring8", "bench_toy_methods.py", "toy_methods.json",
+          ("--methods", "sid", "sim", "--teachers", "ring8")),
     Bench("toy_consistency", "Toys: consistency student at 1/2/4 steps beside teacher DDIM",
           "bench_toy_consistency.py", "toy_consistency.json"),
-    Bench("esd_lambda", "Toys: ESD's entropy weight", "bench_esd_lambda.py", "esd_lambda.json"),
+    Bench("esd_lambda", "Toys: ESD's entropy weight (two-class ring, teacher CFG 3)", "bench_esd_lambda.py",
+          "esd_lambda.json", ("--lambdas", "0", "1", "1.5")),
     Bench("dmd2_overhead", "Engine overhead: DMD2 iteration against its essential passes", "bench_dmd2_overhead.py",
           "dmd2_overhead.json"),
-    Bench("fid_throughput", "FID pipeline speed against clean-fid", "bench_fid_throughput.py", "fid_throughput.json"),
+    Bench("fid_throughput", "FID pipeline speed against clean-fid (CPU)", "bench_fid_throughput.py",
+          "fid_throughput.json"),
+    Bench("fid_gpu", "FID pipeline speed against clean-fid (GPU)", "bench_fid_throughput.py", "fid_throughput.json",
+          gpu="fid"),
+    Bench("memory_gpu", "GPU memory and step time: bf16 DMD2 on an SDXL-layout UNet", "bench_gpu_memory.py",
+          "gpu_memory.json", gpu="memory"),
 ]
 
 
@@ -73,8 +95,10 @@ def machine() -> str:
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, default=str)[:80]
+    if isinstance(value, list):  # short lists (mode weights, per-GPU peaks) inline, numbers rounded
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_cell(v)}" for k, v in value.items())[:200]
     return str(value)
 
 
@@ -90,32 +114,93 @@ def render(data) -> list[str]:
     if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
         return table(data)
     if isinstance(data, dict):
-        lines = []
-        scalars = {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
+        lines, scalars = [], {}  # scalars: everything that is not a table, shown as one JSON block
         for key, value in data.items():
             if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
                 lines += [f"*{key}*", "", *table(value), ""]
             elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
                 lines += [f"*{key}*", "", *table([{"": k, **v} for k, v in value.items()]), ""]
+            else:
+                scalars[key] = value
         if scalars:
             lines += ["", "```json", json.dumps(scalars, indent=1, default=str), "```"]
         return lines or ["```json", json.dumps(data, indent=1, default=str)[:4000], "```"]
     return ["```json", json.dumps(data, indent=1, default=str)[:4000], "```"]
 
 
+def _meta(bench: Bench) -> dict:
+    """The run's machine, time and note: `<name>.run.json` beside the result (written when this script ran it;
+    committed by hand for the GPU rows)."""
+    path = bench.result_path.with_name(f"{bench.name}.run.json")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _when(bench: Bench, meta: dict) -> str:
+    if meta.get("measured"):
+        return meta["measured"]
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(bench.result_path.stat().st_mtime))
+
+
+def section(bench: Bench) -> list[str]:
+    """One benchmark's section: command, machine, note and its tables."""
+    lines = [f"## {bench.title}", "", f"Command: `{bench.command}`", ""]
+    if not bench.result_path.is_file():
+        return lines + ["**Not yet measured.**", ""]
+    info = _meta(bench)
+    lines += [f"Machine: {info.get('machine', 'not recorded')}; measured {_when(bench, info)}"
+              + (f", {info['seconds']:.0f} s, exit {info['exit']}" if "seconds" in info else ""), ""]
+    if info.get("note"):
+        lines += [f"Note: {info['note']}", ""]
+    data = json.loads(bench.result_path.read_text())
+    report = RESULTS / "digits" / "report.md"
+    if bench.name == "digits" and report.is_file():
+        text = report.read_text().split("## How good, how fast", 1)[-1]
+        lines += [text.split("## Where things are")[0].strip(), ""]
+        lines += ["Targets (issue 13):", "", *table(data.get("targets", [])), ""]
+    else:
+        lines += [*render(data), ""]
+    return lines
+
+
+def summary_lines() -> list[str]:
+    """The page's first table: one line per headline figure, each with its target, command and machine."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from summary import SUMMARIES  # benchmarks/summary.py: per benchmark, its result JSON -> summary rows
+
+    rows = []
+    for bench in BENCHES:
+        extract = SUMMARIES.get(bench.name)
+        if extract is None:
+            continue
+        if not bench.result_path.is_file():
+            rows.append({"figure": bench.title, "result": "not yet measured", "target": "", "met": "",
+                         "command": f"`{bench.command}`", "machine": ""})
+            continue
+        info = _meta(bench)
+        machine = f"{info.get('machine', 'not recorded')}, {_when(bench, info)}"
+        for row in extract(json.loads(bench.result_path.read_text())):
+            rows.append({**row, "command": f"`{bench.command}`", "machine": machine})
+    return ["## Summary", "", "Each line: what was measured, the result, the target it is held to (if any), whether "
+            "it is met, the command that produced it and the machine it ran on. Sections below have the full "
+            "tables.", "", *table(rows), ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run the benchmarks and write BENCHMARKS.md")
-    parser.add_argument("--only", nargs="*", default=None, help=f"benchmarks to run: {', '.join(b.name for b in BENCHES)}")
+    names = [b.name for b in BENCHES if not b.gpu]
+    parser.add_argument("--only", nargs="*", default=None, help=f"benchmarks to run: {', '.join(names)}")
     parser.add_argument("--no-run", action="store_true", help="only rewrite BENCHMARKS.md from existing results")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args(argv)
-    unknown = set(args.only or ()) - {b.name for b in BENCHES}
+    unknown = set(args.only or ()) - set(names)
     if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}")
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))} (GPU rows are measured by "
+                     "benchmarks/gpu_check.sh and read from benchmarks/results_gpu/)")
     here = machine()
     runs = {}
+    RESULTS.mkdir(parents=True, exist_ok=True)
     for bench in BENCHES:
-        if args.no_run or (args.only is not None and bench.name not in args.only):
+        if bench.gpu or args.no_run or (args.only is not None and bench.name not in args.only):
             continue
         print(f"== {bench.command}", flush=True)
         start = time.time()
@@ -123,26 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         runs[bench.name] = {"seconds": time.time() - start, "exit": code, "machine": here}
         (RESULTS / f"{bench.name}.run.json").write_text(json.dumps(runs[bench.name]))
     lines = ["# Benchmarks", "", "Written by `python benchmarks/run_all.py`. Each section names the command that "
-             "produced it and the machine it ran on; sections without results are marked as not yet measured.", ""]
+             "produced it and the machine it ran on; sections without results are marked as not yet measured. "
+             "GPU rows come from `bash benchmarks/gpu_check.sh` on a CUDA machine (results committed in "
+             "`benchmarks/results_gpu/`); the CPU rows are regenerated by this script.", ""]
+    lines += summary_lines()
     for bench in BENCHES:
-        lines += [f"## {bench.title}", "", f"Command: `{bench.command}`", ""]
-        result, meta = RESULTS / bench.result, RESULTS / f"{bench.name}.run.json"
-        if not result.is_file():
-            lines += ["**Not yet measured.**", ""]
-            continue
-        info = json.loads(meta.read_text()) if meta.is_file() else {}
-        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(result.stat().st_mtime))
-        lines += [f"Machine: {info.get('machine', 'not recorded')}; measured {when}"
-                  + (f", {info['seconds']:.0f} s, exit {info['exit']}" if "seconds" in info else ""), ""]
-        if info.get("note"):
-            lines += [f"Note: {info['note']}", ""]
-        if bench.name == "digits" and (RESULTS / "digits" / "report.md").is_file():
-            report = (RESULTS / "digits" / "report.md").read_text().split("## How good, how fast", 1)[-1]
-            lines += [report.split("## Where things are")[0].strip(), ""]
-            data = json.loads(result.read_text())
-            lines += ["Targets (issue 13):", "", *table(data.get("targets", [])), ""]
-        else:
-            lines += [*render(json.loads(result.read_text())), ""]
+        lines += section(bench)
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")
     return 0 if all(r["exit"] == 0 for r in runs.values()) else 1

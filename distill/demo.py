@@ -101,6 +101,38 @@ def _command(argv: list[str]) -> int:
     return int(args.func(args) or 0)
 
 
+def _teacher_rows(out: Path, teacher_dir: Path, args: argparse.Namespace, sample, score):
+    """The teacher's rows (DDIM 50 / 4 / 1 steps) and its figure columns, cached in ``OUT/teacher_rows.pt``.
+
+    The 50-step DDIM over ``n_eval`` samples is the demo's slowest evaluation; a rerun with the same ``--out``
+    (e.g. with another ``--methods``) reuses it when the teacher weights file (size and mtime), ``n_eval`` and
+    the seed are unchanged. The cached ms / sample were measured by the run that wrote the cache.
+    """
+    import json
+    from dataclasses import asdict
+
+    from distill.demo_report import Row
+
+    weights = next(iter(sorted((Path(teacher_dir) / "unet").glob("*.safetensors"))), None)
+    stat = weights.stat() if weights is not None else None
+    key = json.dumps({"teacher": str(teacher_dir), "weights": [stat.st_size, stat.st_mtime_ns] if stat else None,
+                      "n_eval": args.n_eval, "seed": args.seed})
+    cache = out / "teacher_rows.pt"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved.get("key") == key:
+            print(f"      reusing {cache} (same teacher, --n-eval and --seed)")
+            return [Row(**json.loads(r)) for r in saved["rows"]], dict(saved["figure"])
+    rows, figure_columns = [], {}
+    for steps in (50, 4, 1):
+        x, seconds = sample(steps)
+        rows.append(score(f"teacher DDIM {steps} step{'s' if steps > 1 else ''}", steps, x, seconds))
+        if steps in (50, 1):
+            figure_columns[f"teacher, {steps} step{'s' if steps > 1 else ''}"] = x
+    torch.save({"key": key, "rows": [json.dumps(asdict(r)) for r in rows], "figure": figure_columns}, cache)
+    return rows, figure_columns
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from distill.commands import load_run
     from distill.demo_report import Row, save_figure, write_report
@@ -141,13 +173,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return Row(name, nfe, s.fd, s.accuracy, s.precision, s.recall, 1000 * seconds / len(images), len(images))
 
     print("[2/4] teacher samples (DDIM 50, 4, 1 steps)")
-    rows, figure_columns = [], {}
     t_eval = time.perf_counter()
-    for steps in (50, 4, 1):
-        x, seconds = _timed(lambda: sample_ddim(teacher, noise, cond, schedule.inference_timesteps(steps, "trailing")))
-        rows.append(score(f"teacher DDIM {steps} step{'s' if steps > 1 else ''}", steps, x, seconds))
-        if steps in (50, 1):
-            figure_columns[f"teacher, {steps} step{'s' if steps > 1 else ''}"] = x
+    rows, figure_columns = _teacher_rows(out, teacher_dir, args, lambda steps: _timed(lambda: sample_ddim(
+        teacher, noise, cond, schedule.inference_timesteps(steps, "trailing"))), score)
     eval_seconds = time.perf_counter() - t_eval
 
     print(f"[3/4] distillation: {', '.join(methods)}")

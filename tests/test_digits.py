@@ -160,3 +160,10 @@ def test_short_demo_writes_the_report_with_every_field(tmp_path, tiny_teacher, c
     assert main(["sample", run["run"], "--label", "3", "--n", "4", "--out", str(tmp_path / "threes")]) == 0
     assert len(list((tmp_path / "threes").glob("*.png"))) == 4
     assert main(["sample", run["run"], "--n", "4", "--out", str(tmp_path / "x")]) == 2  # no --label: one-line error
+    # a rerun with the same --out reuses the finished run and the teacher's rows (the 50-step DDIM is the slow part)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "reusing" in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"][:3] == results["rows"][:3]
+    assert again["rows"][3]["digits_fd"] == pytest.approx(student["digits_fd"])
