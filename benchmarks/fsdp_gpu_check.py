@@ -5,7 +5,9 @@ difference to a JSON file.
 
     python benchmarks/fsdp_gpu_check.py WORK_DIR OUT.json     # (or: bash benchmarks/gpu_check.sh fsdp)
 
-It also runs on a CPU (gloo): there, 30 s and a largest relative loss difference of 2.7e-6. Not yet run on a GPU.
+On a CPU (gloo): 30 s, largest relative loss difference 2.7e-6. On an NVIDIA H200 (torch 2.11, nccl): 17.6 s,
+largest relative loss difference 1.4e-4 (GPU kernels are not bitwise reproducible across the two runs), checkpoint sharded and
+intact.
 """
 from __future__ import annotations
 
