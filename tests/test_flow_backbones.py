@@ -266,6 +266,12 @@ def test_zimage_resolution_past_the_rope_table_is_a_one_line_error(tiny_dirs):
     assert load_flow_components(tiny_dirs["zimage"], "zimage", resolution=32).chw[0] > 0
     with pytest.raises(ToolkitError, match="RoPE table"):
         load_flow_components(tiny_dirs["zimage"], "zimage", resolution=1024)
+    # captions longer than the table's frame axis (the tiny tokenizer makes > 64 tokens of a short prompt)
+    parts = load_flow_components(tiny_dirs["zimage"], "zimage", resolution=32,
+                                 conditioner_options={"max_sequence_length": 512})
+    x = torch.randn(1, *parts.chw)
+    with pytest.raises(ToolkitError, match="RoPE frame position"):
+        parts.denoiser(x, torch.tensor([0.5]), parts.conditioner(["a photo of a cat"]))
 
 
 @pytest.mark.parametrize("kind", ["flux", "sana"])

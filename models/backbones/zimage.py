@@ -41,6 +41,15 @@ class Backbone(FlowTransformer):
         t = (1000.0 - timestep) / 1000.0
         latents = list(x.unsqueeze(2).unbind(0))
         captions = [f[m] for f, m in zip(caption_features, caption_mask.bool())]
+        # caption tokens take RoPE frame positions 1..L (L padded to 32) and the image the next one: past the
+        # table that is an IndexError on the CPU and a device-side assert on a GPU, so refuse it here
+        lens = getattr(self.transformer.config, "axes_lens", None)
+        longest = max(len(c) for c in captions)
+        padded = -(-longest // 32) * 32
+        if lens is not None and padded + 1 >= lens[0]:
+            raise ToolkitError(f"a caption of {longest} tokens (padded to {padded}) leaves no RoPE frame position for the "
+                               f"image in this transformer (axes_lens[0] = {lens[0]}): set "
+                               f"teacher.max_sequence_length below {lens[0] - 32}")
         out = self.transformer(latents, t, captions, return_dict=False)[0]
         return -torch.stack([o.to(x.dtype) for o in out]).squeeze(2)
 
@@ -52,14 +61,6 @@ class Conditioner(FlowConditioner):
 
     def __init__(self, pipe, max_sequence_length: int = 512, negative_prompt: str = ""):
         self.pipe, self.max_sequence_length, self.negative_prompt = pipe, int(max_sequence_length), negative_prompt
-        # caption tokens take RoPE frame positions 1..L (L padded to 32), the image the next one: past the
-        # table that is an index error on the CPU and a device-side assert on a GPU, so refuse it here
-        lens = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "axes_lens", None)
-        padded = -(-self.max_sequence_length // 32) * 32
-        if lens is not None and padded + 1 >= lens[0]:
-            raise ToolkitError(f"teacher.max_sequence_length {self.max_sequence_length} (padded to {padded}) leaves "
-                               f"no RoPE frame position for the image in this transformer (axes_lens[0] = "
-                               f"{lens[0]}): set it below {lens[0] - 32}")
 
     def _padded(self, feats: list[torch.Tensor]) -> dict:
         n = self.max_sequence_length
