@@ -121,7 +121,7 @@ def _embedded_loaders(arch: dict, tcfg):
 
     unet_family = arch["family"] in ("sdxl", "sd15")
 
-    def load_flow_teacher(cfg, device=None):
+    def load_flow_teacher(cfg, device=None, load_text_encoders=True):  # (signature of the real one)
         return None if unet_family else _flow_components(arch, cfg)
 
     def load_pipeline_components(path, kind="auto", device="cpu", resolution=None, **_):
