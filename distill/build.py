@@ -195,12 +195,10 @@ def enable_gradient_checkpointing(models: Models) -> None:
 
     shared_lora = any(isinstance(m, AdapterView) for r in (models.teacher, models.student, models.fake_score)
                       if isinstance(r, torch.nn.Module) for m in r.modules())
+    # roles switch a shared LoRA base's adapters: each block is recomputed under its forward-time adapter
+    func = adapter_checkpoint if shared_lora else None
     for backbone in usable:
-        if shared_lora:  # roles switch the shared base's adapters: recompute each block under its own
-            inner = getattr(backbone, "transformer", backbone)
-            inner.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_checkpoint)
-        else:
-            backbone.enable_gradient_checkpointing()
+        backbone.enable_gradient_checkpointing(gradient_checkpointing_func=func)
 
 
 def place_models(models: Models, device) -> Models:

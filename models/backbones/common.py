@@ -66,12 +66,12 @@ class FlowTransformer(nn.Module):
         for i in self.gan_blocks:  # a partial of a bound method: deepcopy (student / fake score copies) rebinds it
             self.blocks()[i].register_forward_hook(functools.partial(self._block_hook, i))
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
         """``train.gradient_checkpointing``: diffusers' per-block recomputation in the wrapped transformer.
 
         The GAN tap's block hooks fire again during backward's recomputation; ``_grid`` is ``None`` then
         (the forward has returned), so they do nothing and the recomputed blocks save what the forward saved."""
-        self.transformer.enable_gradient_checkpointing()
+        self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func)
 
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks in forward order."""
