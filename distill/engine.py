@@ -147,12 +147,7 @@ class Trainer:
                 module.to(self.device)
         self._fsdp_units: list[nn.Module] = []  # FSDP2 units, resharded after each optimiser step
         if self.parallel == "fsdp":
-            from distill.parallel import fsdp_refusal, shard_roles
-
-            why = fsdp_refusal(method, config)
-            if why:
-                raise ToolkitError(f"train.parallel fsdp: {why}")
-            from distill.parallel import fsdp_units
+            from distill.parallel import fsdp_units, shard_roles
 
             sharded = shard_roles(method, config.fsdp, self.device)  # before the optimisers: parameters become shards
             self._fsdp_units = fsdp_units(sharded.values())

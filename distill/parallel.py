@@ -107,19 +107,11 @@ def check_parallel(train_config, world_size: int) -> str:
     return mode
 
 
-# one frozen base (the teacher's dtype) holds the student's and the fake score's fp32 adapters: FSDP2 gathers a
-# unit in one dtype, sharding replaces the parameters the role views hold, and the adapters switch per role
-# inside the same units; not built yet
-LORA_UNDER_FSDP = ("LoRA roles (adapters on one shared frozen base) are not sharded yet: use train.parallel=ddp "
-                   "for LoRA recipes (each process holds the one bf16 base plus the small adapters)")
-
-
 def validate_run_config(config, world_size: int = 1, device_type: str = "cpu") -> None:
     """Refuse, in one line and before anything is built, settings the engine cannot honour."""
     train = config.train
     check_mixed_precision(train.mixed_precision)
-    if check_parallel(train, world_size) == "fsdp" and (config.student.lora or config.fake_score.lora):
-        raise ToolkitError(f"train.parallel fsdp: {LORA_UNDER_FSDP}")
+    check_parallel(train, world_size)
     for section in ("generator_optim", "critic_optim"):
         kind = getattr(config, section).kind
         if kind not in OPTIMIZERS:
@@ -132,8 +124,11 @@ def validate_run_config(config, world_size: int = 1, device_type: str = "cpu") -
 
 # ---------------------------------------------------------------------- FSDP2
 def _blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
-    """The units sharded one by one (each all-gathered just before it runs): a diffusers UNet's down / mid / up
-    blocks; other backbones are one unit."""
+    """The units sharded one by one (each all-gathered just before it runs): a flow adapter's transformer blocks
+    (its ``blocks()``: FLUX's double- and single-stream blocks, SD3's, Sana's, Z-Image's layers), a diffusers
+    UNet's down / mid / up blocks; anything else is one unit (the root)."""
+    if callable(getattr(backbone, "blocks", None)):
+        return list(backbone.blocks())
     units = []
     for name in ("down_blocks", "up_blocks"):
         units += list(getattr(backbone, name, None) or [])
@@ -142,24 +137,29 @@ def _blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
     return units
 
 
-def fsdp_refusal(method, train_config) -> str | None:
-    """Why the engine cannot shard this run with FSDP2 (None: it can)."""
+def _rebind_adapter_views(method) -> None:
+    """Point every LoRA role view at the sharded parameters (``fully_shard`` replaced the base's parameters)."""
     from distill.models.roles import AdapterView
 
-    roles = [getattr(method, n, None) for n in ("teacher", "student", "fake_score")]
-    if any(isinstance(m, AdapterView) for r in roles if r is not None for m in r.modules()):
-        return LORA_UNDER_FSDP
-    return None
+    for module in vars(method).values():
+        if isinstance(module, torch.nn.Module):
+            for view in module.modules():
+                if isinstance(view, AdapterView):
+                    view.rebind()
 
 
 def shard_roles(method, fsdp_config, device: torch.device) -> dict[str, torch.nn.Module]:
     """``fully_shard`` (FSDP2, Zhao et al. 2023) the method's roles over all processes, in place.
 
     Trainable roles (student, fake score) keep fp32 parameters and reduce gradients in fp32; the frozen
-    teacher keeps its own dtype (bf16 for large teachers) and has nothing to reduce. Each UNet block is its
-    own unit, then the backbone root. A GAN head (DMD2) is sharded as its own unit, and its tap then runs the
-    fake score's full forward (distill/gan.py: an early stop would skip FSDP2's post-forward hooks). Returns
-    the sharded modules by role. Build the optimisers after this: sharding replaces the parameters by
+    teacher (and a consistency method's EMA target) keeps its own dtype (bf16 for large teachers) and has
+    nothing to reduce. Each UNet or transformer block is its own unit, then the backbone root. LoRA roles are
+    adapters on the teacher's one base (:func:`distill.models.roles.share_lora_base`): that base is sharded
+    once, bf16 base weights and fp32 adapters in the same units (FSDP2 gathers each dtype as it is stored),
+    and the role views are pointed at the sharded adapter parameters. A GAN head (DMD2) is sharded as its own
+    unit, and its tap then runs the fake score's full forward (distill/gan.py: an early stop would skip
+    FSDP2's post-forward hooks). Returns the sharded modules by role (a shared base under its first role).
+    Build the optimisers and any copy of the parameters (EMA) after this: sharding replaces the parameters by
     DTensors holding this process's shard.
     """
     import torch.distributed as dist
@@ -181,13 +181,15 @@ def shard_roles(method, fsdp_config, device: torch.device) -> dict[str, torch.nn
     # pre-backward hook never fires, and resharded parameters would be missing in the backward to the student
     root_kwargs = {**kwargs, "reshard_after_forward": None if kwargs["reshard_after_forward"] else False}
     sharded = {}
-    for name in ("student", "fake_score", "teacher"):
+    for name in ("student", "fake_score", "teacher", "target"):
         role = getattr(method, name, None)
         if role is None:
             continue
         backbone = unwrap_unet(role)
         if not isinstance(backbone, torch.nn.Module) or not any(True for _ in backbone.parameters()):
             continue  # an analytic teacher has nothing to shard
+        if any(backbone is done for done in sharded.values()):
+            continue  # the one base of LoRA roles, already sharded under the first role that uses it
         trainable = any(p.requires_grad for p in backbone.parameters())
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32) if trainable else MixedPrecisionPolicy()
         for unit in _blocks(backbone):
@@ -199,6 +201,7 @@ def shard_roles(method, fsdp_config, device: torch.device) -> dict[str, torch.nn
         discriminator.stop_early = False
         fully_shard(discriminator.head, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32), **root_kwargs)
         sharded["discriminator"] = discriminator.head
+    _rebind_adapter_views(method)
     return sharded
 
 

@@ -74,7 +74,6 @@ class Plan:
     gradient_checkpointing: bool
     gpu_mem: float  # GiB
     source: str = "disk"  # "embedded": architecture from distill.arch_configs, weights not on disk
-    fsdp_blocker: str | None = None  # why distill train refuses train.parallel=fsdp for this recipe today
     notes: list[str] = field(default_factory=list)
 
     def _transient(self, name: str) -> int:
@@ -251,11 +250,7 @@ def _make_plan(cfg, checkpointing: bool, gpus: int, gpu_mem: float) -> Plan:
     updates = {name: UpdateMemory(gradients=-(-sum(p.numel() * p.element_size() for p in owners[name]) // div),
                                   activations_full=full, activations_checkpointed=ckpt)
                for name, (full, ckpt) in acts.items()}
-    from distill.parallel import fsdp_refusal
-
-    blocker = fsdp_refusal(method, cfg.train)
-    notes = [f"distill train refuses train.parallel=fsdp for this recipe today: {blocker}"] if shard and blocker \
-        else []
+    notes = []
     if stats.get("scalars_read"):
         notes.append(f"{stats['scalars_read']} data-dependent value(s) read in the losses (e.g. counts of non-finite "
                      f"rows) were taken as 0 on meta: the all-finite path is planned")
@@ -266,7 +261,7 @@ def _make_plan(cfg, checkpointing: bool, gpus: int, gpu_mem: float) -> Plan:
     return Plan(gpus=gpus, parallel=cfg.train.parallel, weights_sharded=-(-_unique_bytes(roles) // div),
                 weights_replicated=replicated, optimizer=-(-optimizer // div), ema=-(-ema // div),
                 updates=updates, gradient_checkpointing=checkpointing, gpu_mem=gpu_mem, source=source,
-                fsdp_blocker=blocker, notes=notes)
+                notes=notes)
 
 
 def _has_diffusers(models) -> bool:
@@ -281,8 +276,7 @@ def advice(plan: Plan) -> list[str]:
         return []
     out = []
     if plan.parallel != "fsdp" and plan.gpus > 1:
-        why = f"; not yet for this recipe: {plan.fsdp_blocker}" if plan.fsdp_blocker else ""
-        out.append(f"train.parallel=fsdp (shards weights, gradients and optimiser states over the GPUs{why})")
+        out.append("train.parallel=fsdp (shards weights, gradients and optimiser states over the GPUs)")
     if not plan.gradient_checkpointing and plan.activations_checkpointed < plan.activations_full:
         unit, scale = ("GiB", GiB) if plan.activations_full >= GiB else ("MiB", 1024**2)
         out.append("train.gradient_checkpointing=true (activations "

@@ -253,11 +253,23 @@ class AdapterView(nn.Module):
             self.adapter_params = nn.ParameterDict()
         else:
             self._base = [base]  # a list: not a submodule of this view
-            self.adapter_params = nn.ParameterDict({
-                name.replace(".", "__"): p for name, p in base.named_parameters() if f".{adapter}." in f".{name}."
-                and "lora_" in name})
-            if not len(self.adapter_params):
-                raise ValueError(f"the shared backbone has no LoRA adapter {adapter!r}")
+            self.rebind()
+
+    def rebind(self) -> None:
+        """Register the adapter's current parameter objects of the base (again).
+
+        Call it after anything replaces the base's parameters: FSDP2's ``fully_shard`` swaps every parameter for
+        a DTensor holding this process's shard, and a view still holding the old objects would hand the
+        optimiser and the checkpoint tensors the forward no longer uses. Raises ValueError when the base has no
+        adapter of this view's name.
+        """
+        if self.adapter is None:
+            return
+        self.adapter_params = nn.ParameterDict({
+            name.replace(".", "__"): p for name, p in self._base[0].named_parameters()
+            if f".{self.adapter}." in f".{name}." and "lora_" in name})
+        if not len(self.adapter_params):
+            raise ValueError(f"the shared backbone has no LoRA adapter {self.adapter!r}")
 
     @property
     def backbone(self) -> nn.Module:

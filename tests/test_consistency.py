@@ -208,3 +208,32 @@ def test_data_free_source_runs_without_real_data(tiny_sdxl_dir, tmp_path):
     loss, logs = method.generator_loss(batch)
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None for p in method.generator_parameters())
+
+
+def test_ema_target_is_sharded_with_the_student_under_fsdp(tiny_sdxl_dir, tmp_path):
+    """recipes/sdxl_lcm.yaml with train.parallel=fsdp (one process): the EMA target network is sharded like the
+    student, so its update lerps shard into shard (an unsharded target raised a Tensor/DTensor mix at step 1),
+    and a run resumed from the sharded checkpoint goes on with a sharded target."""
+    from unittest import mock
+
+    from distill.cli import main
+    from distill.parallel import is_sharded
+
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    args = ["train", "recipes/sdxl_lcm.yaml", "--out", str(tmp_path / "run"), "--no-progress",
+            f"teacher.path={tiny_sdxl_dir}", "teacher.resolution=[128,128]", f"data.prompts={tmp_path / 'prompts.txt'}",
+            "data.batch_size=2", "train.parallel=fsdp", "train.mixed_precision='no'"]
+    assert main([*args, "train.steps=2"]) == 0
+    seen, run = {}, Trainer.run
+
+    def keep(self):
+        seen["trainer"] = self
+        return run(self)
+
+    with mock.patch.object(Trainer, "run", keep):
+        assert main([*args, "train.steps=3"]) == 0
+    trainer = seen["trainer"]
+    assert trainer.resumed_from is not None and trainer.step == 3
+    target = dict(trainer.method.target.named_parameters())
+    online = dict(trainer.method.student.denoiser.named_parameters())
+    assert target and all(is_sharded(p) and p.placements == online[n].placements for n, p in target.items())

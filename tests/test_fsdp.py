@@ -250,3 +250,39 @@ def test_fsdp_sid_two_processes(tiny_sdxl_dir, tmp_path, torch_single_thread):
     assert [p.name for p in (two / "samples").iterdir()] == ["step_00000005.png"]
     assert cli_main(["train", str(recipe), "--out", str(one), "--no-progress", "train.parallel=ddp"]) == 0
     _assert_same_losses(_losses(one), _losses(two), range(1, 6))
+
+
+def test_fsdp_lora_shared_base_flux_two_processes(tiny_flux_dir, tmp_path, torch_single_thread):
+    """recipes/flux_dmd2_lora.yaml as shipped (LoRA student and fake score on the teacher's one bf16 base, FSDP,
+    gradient checkpointing) on the tiny FLUX: the shared base is sharded once, each process holds about half of
+    every adapter and its AdamW states, the losses are one process's with the same global batch, one process
+    resumes the sharded checkpoint, and the export (adapters merged into the transformer) of the 2-process run
+    equals the 1-process run's."""
+    from safetensors.torch import load_file
+
+    from distill import checkpoint as ckpt
+
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\na red car\na tree\n")
+    overrides = [f"teacher.path={tiny_flux_dir}", "teacher.resolution=[32,32]", "teacher.max_sequence_length=16",
+                 "teacher.gan_blocks=[0]", f"data.prompts={tmp_path / 'prompts.txt'}", "data.batch_size=4",
+                 "train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "train.mixed_precision='no'",
+                 "student.lora.rank=4", "fake_score.lora.rank=4", "method.generator_every=2"]
+    recipe = str(ROOT / "recipes" / "flux_dmd2_lora.yaml")
+    two, one = tmp_path / "two", tmp_path / "one"
+    _torchrun(tmp_path, tmp_path / "info", ["train", recipe, "--out", str(two), "--no-progress", *overrides])
+    _check_shards(tmp_path / "info")
+    _check_sharded_checkpoint(ckpt.list_checkpoints(two / "checkpoints")[-1])
+    assert cli_main(["train", recipe, "--out", str(one), "--no-progress", *overrides, "train.parallel=ddp"]) == 0
+    _assert_same_losses(_losses(one), _losses(two), range(1, 5), rel=1e-4)
+    # one process resumes the 2-process sharded checkpoint of step 2 and gives steps 3-4
+    alone = tmp_path / "alone"
+    shutil.copytree(two, alone)
+    shutil.rmtree(alone / "checkpoints" / "step_00000004")
+    assert cli_main(["train", recipe, "--out", str(alone), "--no-progress", *overrides]) == 0
+    _assert_same_losses(_losses(two), _losses(alone), (3, 4), rel=1e-4)
+    for run in (two, one):
+        assert cli_main(["export", str(run), "--out", str(tmp_path / f"ex_{run.name}"), "--device", "cpu"]) == 0
+    w2, w1 = (load_file(str(tmp_path / f"ex_{r}" / "transformer" / "diffusion_pytorch_model.safetensors"))
+              for r in ("two", "one"))
+    assert w2.keys() == w1.keys()
+    assert max(float((w2[k].float() - w1[k].float()).abs().max()) for k in w1) < 1e-5

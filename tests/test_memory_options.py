@@ -30,16 +30,6 @@ def test_unhonoured_settings_are_refused_before_building(tmp_path, capsys, monke
     assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
 
 
-def test_lora_under_fsdp_is_refused_before_building(tmp_path, capsys, monkeypatch):
-    import distill.build as build
-
-    monkeypatch.setattr(build, "build_run", lambda *a, **k: pytest.fail("built before refusing"))
-    code = main(["train", "recipes/sdxl_dmd2_lora.yaml", "--out", str(tmp_path / "r"), "train.parallel=fsdp",
-                 "train.mixed_precision='no'"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: train.parallel fsdp: LoRA roles") and "\n" not in err
-
-
 def test_warmup_counts_iterations_under_ttur():
     """Generator every 5 iterations, warm-up 10 iterations: its updates at iterations 0, 5, 10 use 1/10, 6/10, 1."""
     p = torch.nn.Parameter(torch.zeros(3))
