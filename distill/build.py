@@ -158,7 +158,22 @@ def _prepare_student(config: Config, student: Student) -> None:
         hook(student, method_config(config))
 
 
-def build_models(config: Config, need_fake_score: bool = True, device=None, text_encoders: bool = True) -> Models:
+def load_teacher_parts(tcfg, device, load_text_encoders: bool, resolution: tuple[int, int] | None):
+    """The teacher pipeline's parts from ``teacher.path``: a flow transformer's (SD3 / FLUX / Sana / ...) or a
+    UNet pipeline's (``resolution``: SDXL's micro-conditioning size). Raises ToolkitError for missing weights."""
+    from distill.models.backbones.common import load_flow_teacher
+    from distill.models.loading import load_pipeline_components
+
+    parts = load_flow_teacher(tcfg, device, load_text_encoders)  # None for UNet pipelines
+    if parts is None:
+        kind = "auto" if tcfg.kind == "auto" else tcfg.kind
+        parts = load_pipeline_components(tcfg.path, kind=kind, device=device or "cpu", uncond=tcfg.uncond,
+                                         resolution=resolution, load_text_encoders=load_text_encoders)
+    return parts
+
+
+def build_models(config: Config, need_fake_score: bool = True, device=None, text_encoders: bool = True,
+                 load_parts: Callable = load_teacher_parts) -> Models:
     """Teacher, student and (when the method needs one) fake score, as the recipe describes them.
 
     Initialisation draws from the global RNG seeded with ``train.seed``, so every process of a run (and a
@@ -167,9 +182,13 @@ def build_models(config: Config, need_fake_score: bool = True, device=None, text
     ``device``: where every module, buffer and encoder of the run lives (the process's device, e.g.
     ``accelerator.device``); None keeps the CPU. Toy nets are initialised on the CPU (the same numbers on
     every device) and then moved; diffusers weights are loaded straight onto the device.
+
+    ``load_parts(teacher_config, device, load_text_encoders, resolution)`` gives the teacher pipeline's parts
+    (default :func:`load_teacher_parts`, from ``teacher.path``); ``distill plan`` passes one that builds an
+    embedded architecture on meta when the weights are not on disk.
     """
     torch.manual_seed(config.train.seed)
-    models = _build_models(config, need_fake_score, device, text_encoders)
+    models = _build_models(config, need_fake_score, device, text_encoders, load_parts)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(models)
     if device is not None:
@@ -209,7 +228,8 @@ def place_models(models: Models, device) -> Models:
     return models
 
 
-def _build_models(config: Config, need_fake_score: bool, device, text_encoders: bool = True) -> Models:
+def _build_models(config: Config, need_fake_score: bool, device, text_encoders: bool,
+                  load_parts: Callable) -> Models:
     tcfg = config.teacher
     if tcfg.kind == "gmm":
         from distill.models.analytic import build_mixture, mixture_conditioner, mixture_denoiser
@@ -243,7 +263,7 @@ def _build_models(config: Config, need_fake_score: bool, device, text_encoders: 
     from distill.models.backbones.common import flow_kinds
 
     if tcfg.kind in ("sdxl", "sd15", "unet2d", "auto", *flow_kinds()):
-        return _build_diffusers_models(config, need_fake_score, device, text_encoders)
+        return _build_diffusers_models(config, need_fake_score, device, text_encoders, load_parts)
     raise ToolkitError(f"unknown teacher kind {tcfg.kind!r}; expected gmm, sdxl, sd15, unet2d, auto or one of "
                        f"{', '.join(flow_kinds())}")
 
@@ -258,22 +278,14 @@ def image_size(resolution) -> tuple[int, int] | None:
     return int(values[0]), int(values[1])
 
 
-def _build_diffusers_models(config: Config, need_fake_score: bool, device=None,
-                            load_text_encoders: bool = True) -> Models:
-    from distill.models.loading import load_pipeline_components
-
+def _build_diffusers_models(config: Config, need_fake_score: bool, device, load_text_encoders: bool,
+                            load_parts: Callable) -> Models:
     tcfg = config.teacher
     if not tcfg.path:
         raise ToolkitError("teacher.path is required for diffusers teachers (a repo id or a pipeline folder)")
-    from distill.models.backbones.common import load_flow_teacher
-
-    kind = "auto" if tcfg.kind == "auto" else tcfg.kind
     size = image_size(config.data.resolution)
     micro = tuple(tcfg.resolution) if tcfg.resolution else size  # SDXL add_time_ids: teacher.resolution overrides
-    parts = load_flow_teacher(tcfg, device, load_text_encoders)  # SD3 / FLUX / Sana / ...; None for UNet pipelines
-    if parts is None:
-        parts = load_pipeline_components(tcfg.path, kind=kind, device=device or "cpu", uncond=tcfg.uncond,
-                                         resolution=micro, load_text_encoders=load_text_encoders)
+    parts = load_parts(tcfg, device, load_text_encoders, micro)
     base = parts.denoiser
     # LoRA roles are adapters on the teacher's one frozen base (roles.share_lora_base); full roles are fp32 copies
     lora = {"default": _lora_spec(config.student.lora)}

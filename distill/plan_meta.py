@@ -10,15 +10,13 @@ for training, on meta, with two differences that make plan independent of files 
   :mod:`distill.arch_configs` knows it, the UNet / transformer is built with ``from_config`` on meta from the
   embedded config, and the text encoders and VAE are counted by their published parameter counts
   (``source == "embedded"``). The roles (student / fake score copies, LoRA, casts) are then made by
-  distill.build exactly as for training: the loader functions build_models calls are swapped, for the
-  duration of the build only, for ones that return these meta components.
+  distill.build exactly as for training: ``build_models`` takes a ``load_parts`` that returns these meta
+  components instead of loading ``teacher.path``.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import types
-from unittest import mock
 
 import torch
 
@@ -113,23 +111,14 @@ def _flow_components(arch: dict, tcfg):
                           conditioner=conditioner, chw=chw, resolution=res)
 
 
-@contextlib.contextmanager
-def _embedded_loaders(arch: dict, tcfg):
-    """Swap the two loaders distill.build calls for ones that return the embedded meta components."""
-    import distill.models.backbones.common as flow_loading
-    import distill.models.loading as unet_loading
+def _embedded_parts_loader(arch: dict):
+    """A ``load_parts`` for :func:`distill.build.build_models` that returns the embedded meta components."""
+    def load_parts(tcfg, device, load_text_encoders, resolution):
+        if arch["family"] in ("sdxl", "sd15"):
+            return _unet_components(arch, tcfg, resolution)
+        return _flow_components(arch, tcfg)
 
-    unet_family = arch["family"] in ("sdxl", "sd15")
-
-    def load_flow_teacher(cfg, device=None, load_text_encoders=True):  # (signature of the real one)
-        return None if unet_family else _flow_components(arch, cfg)
-
-    def load_pipeline_components(path, kind="auto", device="cpu", resolution=None, **_):
-        return _unet_components(arch, tcfg, resolution)
-
-    with mock.patch.object(flow_loading, "load_flow_teacher", load_flow_teacher), \
-            mock.patch.object(unet_loading, "load_pipeline_components", load_pipeline_components):
-        yield
+    return load_parts
 
 
 def embedded_replicated_bytes(arch: dict, config, text_encoders: bool) -> int:
@@ -194,8 +183,8 @@ def build_for_plan(config):
             if arch is None:
                 raise
     if models is None:  # the weights are not here (plan never downloads): build from the embedded config
-        with _embedded_loaders(arch, tcfg):
-            models = build_models(config, need_fake_score=needs_fake, device=META, text_encoders=text_encoders)
+        models = build_models(config, need_fake_score=needs_fake, device=META, text_encoders=text_encoders,
+                              load_parts=_embedded_parts_loader(arch))
         source, replicated = "embedded", embedded_replicated_bytes(arch, config, text_encoders)
     with_real = getattr(mcfg, "gan_discriminator_weight", 0) > 0 or getattr(mcfg, "data_source", None) == "real"
     if config.data.kind == "prompts":
