@@ -32,17 +32,54 @@ LATENT_SET = "latents"
 
 
 # ------------------------------------------------------------------------------------------ prompts
-class TextPrompts:
-    """Prompts encoded by ``conditioner`` when asked for."""
+#: bytes of per-prompt embeddings a :class:`TextPrompts` keeps (on the run's device) so that a prompt is encoded
+#: once: every prompt of a small prompt file (~200 SDXL prompts at 77 x 2048 fp32, 16 FLUX prompts at 512 T5
+#: tokens); past it the rest are encoded on every use (large prompt sets: cache them with ``distill encode-prompts``)
+PROMPT_CACHE_BYTES = 128 * 1024**2
 
-    def __init__(self, prompts: Sequence[str], conditioner):
+
+class TextPrompts:
+    """Prompts encoded by ``conditioner`` when asked for; each prompt's embedding is kept after its first encoding.
+
+    A conditioner with the cache interface of ``distill encode-prompts`` (``embed`` / ``from_embeddings``: the
+    SD1.x, SDXL and flow-transformer conditioners) encodes each prompt once: its per-prompt fields are kept,
+    up to :data:`PROMPT_CACHE_BYTES`, and a batch's Cond is built from them as from cached embeddings (the
+    text encoders pad every prompt to a fixed length, so a prompt's embedding does not depend on its batch).
+    Prompts past the bound, and conditioners without that interface (class labels), are encoded on every use.
+    """
+
+    def __init__(self, prompts: Sequence[str], conditioner, cache_bytes: int = PROMPT_CACHE_BYTES):
         self.prompts, self.conditioner = list(prompts), conditioner
+        self.cache_bytes = cache_bytes if hasattr(conditioner, "embed") and hasattr(conditioner, "from_embeddings") \
+            else 0
+        self._kept: dict[int, dict[str, torch.Tensor]] = {}  # prompt index -> its fields, batch 1
+        self._kept_bytes, self._full = 0, False
+        self._uncond: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def cond(self, indices: Sequence[int]) -> Cond:
-        return self.conditioner([self.prompts[i] for i in indices])
+        indices = list(indices)
+        missing = [i for i in dict.fromkeys(indices) if i not in self._kept]
+        if not self.cache_bytes or (missing and self._full):
+            return self.conditioner([self.prompts[i] for i in indices])
+        rows = {}
+        if missing:
+            fields = self.conditioner.embed([self.prompts[i] for i in missing])
+            # clone: a row view would keep the whole batch's storage alive
+            rows = {i: {k: v[r:r + 1].clone() for k, v in fields.items()} for r, i in enumerate(missing)}
+            size = sum(v.numel() * v.element_size() for v in fields.values())
+            if self._kept_bytes + size <= self.cache_bytes:
+                self._kept.update(rows)
+                self._kept_bytes += size
+            else:
+                self._full = True  # from now on prompts not kept are encoded with their batch, as without a cache
+        if self._uncond is None:
+            embed_uncond = getattr(self.conditioner, "embed_uncond", None)
+            self._uncond = embed_uncond() if embed_uncond is not None else self.conditioner.embed([""])
+        kept = [self._kept.get(i) or rows[i] for i in indices]
+        return self.conditioner.from_embeddings({k: torch.cat([r[k] for r in kept]) for k in kept[0]}, self._uncond)
 
 
 def _check_embeddings(manifest: dict, conditioner, where: Path) -> None:

@@ -319,14 +319,16 @@ class Trainer:
                     logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
         logs = self._mean_over_processes(logs)
         self._all_reduce_grads(turn.params)
-        norm = torch.nn.utils.clip_grad_norm_(turn.params, turn.grad_clip if turn.grad_clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):  # FSDP: the norm over all shards
-            norm = norm.full_tensor()
-        logs[f"{turn.name}_grad_norm"] = float(norm)
-        if not self._all_finite(float(norm), logs[f"{turn.name}_loss"]):
+        total = torch.nn.utils.get_total_norm([p.grad for p in turn.params if p.grad is not None], foreach=True)
+        # FSDP: a DTensor; its full value is the norm over all shards
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        logs[f"{turn.name}_grad_norm"] = norm
+        if not self._all_finite(norm, logs[f"{turn.name}_loss"]):
             turn.optimizer.zero_grad(set_to_none=True)
             logs["skipped"] = 1.0
             return logs
+        if 0 < turn.grad_clip < norm:  # scale only when clipping: clip_grad_norm_ multiplies every gradient by 1 too
+            torch.nn.utils.clip_grads_with_norm_(turn.params, turn.grad_clip, total, foreach=True)
         turn.optimizer.step()
         # free the gradients now, not at this optimiser's next turn: the student's must not sit in memory
         # through the critic update (and the fake score's through the generator update)

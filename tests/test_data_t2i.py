@@ -232,3 +232,59 @@ def test_starting_a_run_on_20000_items_touches_only_its_shards(tiny_sdxl_dir, tm
     print(f"peak RSS 2,000 items {sizes[2000]['maxrss_kb'] / 1024:.0f} MB, 20,000 items "
           f"{sizes[20000]['maxrss_kb'] / 1024:.0f} MB; one shard {shard_bytes / 2**20:.1f} MB")
     assert growth < 2 * shard_bytes and whole == 10 * shard_bytes
+
+
+def _cond_tensors(cond) -> dict:
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = value
+    walk("cond", cond.kwargs)
+    walk("uncond", cond.uncond)
+    return out
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-empty", "sd15", "flux"])
+def test_text_prompts_encode_each_prompt_once(family, request):
+    """A prompt file's Cond built from each prompt's kept embedding equals the conditioner's own batch encoding
+    (both branches); each prompt is encoded once; past the byte bound nothing more is kept and batches are
+    encoded as before."""
+    from unittest import mock
+
+    from distill.datasets import TextPrompts
+    from distill.models.backbones.common import load_flow_components
+    from distill.models.loading import load_pipeline_components
+
+    if family == "flux":
+        conditioner = load_flow_components(request.getfixturevalue("tiny_flux_dir"), "flux", resolution=32,
+                                           load_vae=False, conditioner_options={"max_sequence_length": 16}).conditioner
+    else:
+        folder = request.getfixturevalue("tiny_sd15_dir" if family == "sd15" else "tiny_sdxl_dir")
+        uncond = {"uncond": "empty"} if family == "sdxl-empty" else {}
+        conditioner = load_pipeline_components(folder, load_vae=False, **uncond).conditioner
+    prompts = ["a photo of a cat", "a red car on a street", "an astronaut riding a horse", "a bowl of fruit"]
+    kept = TextPrompts(prompts, conditioner)
+    encoded, embed = [], conditioner.embed
+
+    def counting_embed(texts):
+        encoded.extend(texts)
+        return embed(texts)
+
+    with mock.patch.object(conditioner, "embed", counting_embed):
+        for indices in ([0, 1], [1, 2, 3, 0], [3, 3], [2, 0]):
+            got, want = _cond_tensors(kept.cond(indices)), _cond_tensors(conditioner([prompts[i] for i in indices]))
+            assert got.keys() == want.keys()
+            for key, value in want.items():
+                torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
+    assert sorted(p for p in encoded if p) == sorted(prompts)  # each prompt once (and "" for the uncond branch)
+    one = sum(v.numel() * v.element_size() for v in kept._kept[0].values())
+    bounded = TextPrompts(prompts, conditioner, cache_bytes=2 * one)
+    for indices in ([0, 1], [2, 3], [1, 2]):
+        got, want = _cond_tensors(bounded.cond(indices)), _cond_tensors(conditioner([prompts[i] for i in indices]))
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
+    assert sorted(bounded._kept) == [0, 1]
