@@ -38,6 +38,13 @@ LATENT_SET = "latents"
 PROMPT_CACHE_BYTES = 128 * 1024**2
 
 
+def uncond_embedding(conditioner) -> dict[str, torch.Tensor]:
+    """The unconditional branch's fields (batch 1) as ``distill encode-prompts`` caches them: the conditioner's own
+    ``embed_uncond`` (flow conditioners: Sana's negative prompt has no instruction prefix), else ``embed([""])``."""
+    embed_uncond = getattr(conditioner, "embed_uncond", None)
+    return embed_uncond() if embed_uncond is not None else conditioner.embed([""])
+
+
 class TextPrompts:
     """Prompts encoded by ``conditioner`` when asked for; each prompt's embedding is kept after its first encoding.
 
@@ -76,8 +83,7 @@ class TextPrompts:
             else:
                 self._full = True  # from now on prompts not kept are encoded with their batch, as without a cache
         if self._uncond is None:
-            embed_uncond = getattr(self.conditioner, "embed_uncond", None)
-            self._uncond = embed_uncond() if embed_uncond is not None else self.conditioner.embed([""])
+            self._uncond = uncond_embedding(self.conditioner)
         kept = [self._kept.get(i) or rows[i] for i in indices]
         return self.conditioner.from_embeddings({k: torch.cat([r[k] for r in kept]) for k in kept[0]}, self._uncond)
 

@@ -138,8 +138,9 @@ def _write_uncond(out: Path, conditioner, dtype: torch.dtype) -> None:
     rank, _ = _rank_world()
     if rank == 0:
         tmp = out / f".uncond.{os.getpid()}"
-        # flow conditioners know their own unconditional branch (Sana's negative prompt has no instruction prefix)
-        uncond = conditioner.embed_uncond() if hasattr(conditioner, "embed_uncond") else conditioner.embed([""])
+        from distill.datasets import uncond_embedding
+
+        uncond = uncond_embedding(conditioner)
         save_file({k: _cast(v, dtype).contiguous().cpu() for k, v in uncond.items()}, str(tmp))
         os.replace(tmp, out / "uncond.safetensors")
 
