@@ -33,7 +33,7 @@ LATENT_SET = "latents"
 
 # ------------------------------------------------------------------------------------------ prompts
 #: bytes of per-prompt embeddings a :class:`TextPrompts` keeps (on the run's device) so that a prompt is encoded
-#: once: every prompt of a small prompt file (~200 SDXL prompts at 77 x 2048 fp32, 16 FLUX prompts at 512 T5
+#: once: every prompt of a small prompt file (~200 SDXL prompts at 77 x 2048 fp32, 32 FLUX prompts at 512 bf16 T5
 #: tokens); past it the rest are encoded on every use (large prompt sets: cache them with ``distill encode-prompts``)
 PROMPT_CACHE_BYTES = 128 * 1024**2
 
