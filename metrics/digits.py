@@ -7,10 +7,10 @@
 * :func:`digits_report` -- for generated images and the labels they were asked for: the Frechet distance
   to all 1,797 real digits in those features ("digits FD", Heusel et al. 2017), class accuracy (does a
   sample drawn for label 3 read as a 3), and precision / recall (Kynkaanniemi et al. 2019, k = 3).
-* :class:`DigitsExtractor` -- the same features behind the metrics module's extractor contract
-  (``[N, 3, 299, 299]`` float 0-255 -> ``[N, 64]``), so ``metrics.fid(a, b, extractor=DigitsExtractor())``
-  works on folders and tensors. It area-pools the clean-resized input back to 8x8, so its FD is close
-  to (not bit-identical with) :func:`digits_report`'s, which reads the 8x8 images directly.
+* :class:`DigitsExtractor` -- the same features behind the metrics module's ``raw_input`` extractor contract
+  (uint8 ``[N, C, H, W]`` -> ``[N, 64]``, no Inception resize), so ``metrics.fid(a, b, extractor=DigitsExtractor())``
+  works on folders and tensors and equals :func:`digits_report`'s FD up to the uint8 quantisation; it is
+  also ``distill eval``'s ``--features digits``.
 
 Images are ``[N, 1, 8, 8]`` floats in [-1, 1] (the teacher's range); other sizes are area-resized to 8x8.
 """
@@ -119,17 +119,29 @@ def load_digits_classifier(cache: str | Path | None = None, seed: int = 0, progr
 
 
 class DigitsExtractor(nn.Module):
-    """The metrics module's extractor contract: ``[N, 3, 299, 299]`` float 0-255 -> ``[N, 64]`` digits features."""
+    """The metrics module's extractor contract for digits: uint8 ``[N, C, H, W]`` (0-255) -> ``[N, 64]``.
 
+    ``raw_input = True``: :mod:`metrics.fid` (and ``distill eval``) pass the uint8 images as they are, with no
+    299 px Inception resize; they go to ``[-1, 1]``, their channel mean is taken and other sizes than 8x8 are
+    area-resized to 8x8. So ``metrics.fid(a, b, extractor=DigitsExtractor())`` is :func:`digits_report`'s
+    digits FD up to the uint8 quantisation of the images, at the cost of the classifier alone.
+    """
+
+    raw_input = True
     feature_dim = FEATURE_DIM
     name = "digits-classifier-penultimate"
+    transform = "uint8 / 127.5 - 1, channel mean, area resize to 8x8 (no Inception resize)"
 
     def __init__(self, classifier: DigitsClassifier | None = None):
         super().__init__()
         self.classifier = classifier or load_digits_classifier()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(x / 127.5 - 1.0)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images.float() / 127.5 - 1.0)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[N, 10]`` from this extractor's features ``[N, 64]`` (``distill eval``'s ``accuracy``)."""
+        return self.classifier.out(features)
 
 
 @torch.no_grad()

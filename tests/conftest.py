@@ -51,3 +51,22 @@ def tiny_flux_dir(tmp_path_factory) -> str:
     from distill.models.testing import build_tiny_flux
 
     return build_tiny_flux(str(tmp_path_factory.mktemp("tiny_flux")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_classifier_file(tmp_path_factory):
+    """The digits classifier (seed 0, ``digits_classifier_seed0.safetensors``), trained once per session (~15 s);
+    fixtures copy it into their own private caches, so none of them trains it again."""
+    import torch
+
+    from distill.metrics.digits import load_digits_classifier
+
+    cache = tmp_path_factory.mktemp("digits_classifier")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        load_digits_classifier(cache)
+    finally:
+        torch.set_num_threads(previous)
+    (path,) = cache.glob("digits_classifier_seed0.safetensors")
+    return path

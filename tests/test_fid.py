@@ -97,7 +97,7 @@ SQRTM_REFERENCE = """
 import sys, numpy as np
 from cleanfid.fid import frechet_distance
 rng = np.random.default_rng(0)
-d, n = 2048, 5000
+d, n = 1024, 2500
 mixing = rng.standard_normal((d, d)) / np.sqrt(d)
 x = rng.standard_normal((n, d)) @ mixing
 y = rng.standard_normal((n, d)) @ (mixing + 0.2 * rng.standard_normal((d, d)) / np.sqrt(d)) + 0.05
@@ -108,7 +108,8 @@ np.savez(sys.argv[1], mu1=mu1, s1=s1, mu2=mu2, s2=s2, reference=reference)
 
 
 def test_frechet_distance_matches_scipy_sqrtm(tmp_path):
-    """2048-d statistics of 5000 samples: ours (eigh) against clean-fid's scipy ``sqrtm`` formula."""
+    """1024-d statistics of 2500 samples (Inception's 2048-d at the same samples-per-dimension ratio, 8x cheaper in
+    scipy's ``sqrtm``): ours (eigh) against clean-fid's scipy ``sqrtm`` formula."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     subprocess.run([sys.executable, "-c", SQRTM_REFERENCE, str(tmp_path / "ref.npz")], env=env, check=True, timeout=600)
     data = np.load(tmp_path / "ref.npz")

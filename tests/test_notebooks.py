@@ -14,13 +14,18 @@ def test_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, tmp_path, monkeypatch):
+def test_notebook_runs(path, tmp_path, monkeypatch, digits_classifier_file):
+    import shutil
+
     import nbformat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("DISTILL_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "cache").mkdir()
+    shutil.copy(digits_classifier_file, tmp_path / "cache")  # the session's classifier: not trained again
+    monkeypatch.setenv("DISTILL_NOTEBOOK_CACHE", str(tmp_path / "cache"))
     notebook = nbformat.read(path, as_version=4)
     assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
         f"{path.name} is committed with outputs; clear them"
