@@ -11,8 +11,9 @@ numerically the same run as one process.
   step 4-5's losses, with 2 processes and with 1 process resuming the 2-process checkpoint;
 * the export (full weights gathered from the shards) loads in ``StableDiffusionXLPipeline`` and matches the
   single-process export;
-* SiD: the generator's gradient flows through the frozen, sharded teacher and fake score; a sample grid
-  during training (every process runs the student's forwards, rank 0 writes it).
+* SiD: the generator's gradient flows through the frozen, sharded teacher and fake score (losses of one
+  process); a sample grid during training (every process runs the student's forwards, rank 0 writes it); one
+  process resumes the sharded checkpoint, and the gathered export equals the 1-process one.
 """
 from __future__ import annotations
 
@@ -244,12 +245,27 @@ def test_fsdp_sid_two_processes(tiny_sdxl_dir, tmp_path, torch_single_thread):
                      timesteps=[625], noise_scale="sigma")
     two, one = tmp_path / "two", tmp_path / "one"
     # (with a sample grid at step 5: under FSDP both processes run the student's forwards, rank 0 writes it)
-    _torchrun(tmp_path, tmp_path / "info", ["train", str(recipe), "--out", str(two), "--no-progress",
+    every = ["train.checkpoint_every=3"]
+    _torchrun(tmp_path, tmp_path / "info", ["train", str(recipe), "--out", str(two), "--no-progress", *every,
                                             "train.sample_every=5", "train.sample_count=2"])
     _check_shards(tmp_path / "info")
     assert [p.name for p in (two / "samples").iterdir()] == ["step_00000005.png"]
-    assert cli_main(["train", str(recipe), "--out", str(one), "--no-progress", "train.parallel=ddp"]) == 0
+    assert cli_main(["train", str(recipe), "--out", str(one), "--no-progress", *every, "train.parallel=ddp"]) == 0
     _assert_same_losses(_losses(one), _losses(two), range(1, 6))
+    # one process resumes the 2-process sharded checkpoint of step 3 and gives steps 4-5 (the teacher and the fake
+    # score re-sharded on one process, gradients again through both into the student)
+    alone = tmp_path / "alone"
+    shutil.copytree(two, alone)
+    _check_sharded_checkpoint(alone / "checkpoints" / "step_00000003")
+    shutil.rmtree(alone / "checkpoints" / "step_00000005")
+    assert cli_main(["train", str(recipe), "--out", str(alone), "--no-progress", *every]) == 0
+    _assert_same_losses(_losses(two), _losses(alone), (4, 5))
+    # the student gathered from its shards equals the 1-process student
+    for run in (two, one):
+        assert cli_main(["export", str(run), "--out", str(tmp_path / f"ex_{run.name}"), "--device", "cpu"]) == 0
+    w2, w1 = _unet_weights(tmp_path / "ex_two"), _unet_weights(tmp_path / "ex_one")
+    assert w2.keys() == w1.keys()
+    assert max(float((w2[k] - w1[k]).abs().max()) for k in w1) < 1e-5
 
 
 def test_fsdp_lora_shared_base_flux_two_processes(tiny_flux_dir, tmp_path, torch_single_thread):
