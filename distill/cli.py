@@ -55,11 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         # collect such leftovers into the command's ``overrides`` instead of rejecting them
         args, extra = parser.parse_known_args(argv)
         if extra:
-            overrides = isinstance(getattr(args, "overrides", None), list)
-            if overrides and all("=" in e and not e.startswith("-") for e in extra):
-                args.overrides += extra
-            else:
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            takes_overrides = isinstance(getattr(args, "overrides", None), list)
+            options = [e for e in extra if e.startswith("-")]
+            if not takes_overrides or options:
+                parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
+            malformed = [e for e in extra if "=" not in e]
+            if malformed:  # e.g. `train.parallel` alone: name the form, and the command that wanted it
+                raise ToolkitError(f"distill {args.command}: overrides are key=value pairs, got {' '.join(malformed)!r}"
+                                   f" (e.g. train.steps=100)")
+            args.overrides = [*args.overrides, *extra]  # a new list: never extend argparse's default
     except ToolkitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

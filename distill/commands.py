@@ -23,7 +23,7 @@ def register(subparsers) -> None:
                    help="start over in an --out folder that holds checkpoints: delete its checkpoints, log, "
                         "samples and config.yaml first (implies --resume none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("sample", help="sample from a trained student")

@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-eval", type=int, default=1000, help="samples per sampler for the metric (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="recipe overrides for every method, e.g. train.steps=100")
+    p.add_argument("overrides", nargs="*", default=[], help="recipe overrides for every method, e.g. train.steps=100")
     p.set_defaults(func=cmd_demo)
 
     p = subparsers.add_parser("pretrain-demo-teacher", help="train and cache the sklearn-digits teacher pipeline")

@@ -325,11 +325,11 @@ def format_plan(plan: Plan, recipe: str) -> str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="per-GPU memory plan of a recipe (weights, gradients, optimiser, "
-                                           "activations) and whether it fits")
+                                           "activations) and whether it fits (exit 0 fits, 1 does not, 2 error)")
     p.add_argument("config", help="recipe YAML")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB (e.g. 80)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     p.set_defaults(func=cmd_plan)
 
 
@@ -342,5 +342,5 @@ def cmd_plan(args) -> int:
     check_parallel(config.train, args.gpus)
     plan = make_plan(config, args.gpus, args.gpu_mem)
     print(format_plan(plan, args.config))
-    return 0
+    return 0 if plan.fits else 1  # a script can gate a launch on the verdict; errors exit 2
 

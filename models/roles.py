@@ -13,6 +13,7 @@ All three wrap a :class:`~models.denoiser.Denoiser`, so each method is written o
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -60,10 +61,13 @@ def add_lora(module: nn.Module, spec: LoraSpec, adapter_name: str = "default") -
                         target_modules=spec.target_modules or _default_targets(module),
                         init_lora_weights=spec.init, **spec.extra)
     module.requires_grad_(False)
-    if hasattr(module, "add_adapter") and hasattr(module, "set_adapters"):
-        module.add_adapter(config, adapter_name=adapter_name)
-    else:
-        inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # a second adapter on the one shared base (LoRA student and LoRA fake score) is the design, not a slip
+        warnings.filterwarnings("ignore", message="Already found a `?peft_config`? attribute")
+        if hasattr(module, "add_adapter") and hasattr(module, "set_adapters"):
+            module.add_adapter(config, adapter_name=adapter_name)
+        else:
+            inject_adapter_in_model(config, module, adapter_name=adapter_name)
     for name, param in module.named_parameters():
         param.requires_grad_("lora_" in name)
     return module
@@ -73,12 +77,23 @@ def has_lora(module: nn.Module) -> bool:
     return any("lora_" in name for name, _ in module.named_parameters())
 
 
+def cast_floating(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``module``'s floating parameters and buffers to ``dtype`` in place (a no-op when they already are).
+
+    diffusers 0.42's ``ModelMixin.to`` warns "should be kept in float32: []" on every dtype cast, even for models
+    with no such modules (SDXL, SD3, FLUX, Sana, Z-Image): those are cast by ``nn.Module.to``, without the
+    spurious warning. A model that does list ``_keep_in_fp32_modules`` keeps diffusers' own ``to``.
+    """
+    if not any(t.is_floating_point() and t.dtype != dtype for t in module.state_dict().values()):
+        return module
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(dtype)
+    return nn.Module.to(module, dtype)
+
+
 def trainable_copy(denoiser: Denoiser, dtype: torch.dtype = torch.float32) -> Denoiser:
     """A trainable copy of a denoiser (the teacher's weights) in ``dtype`` (fp32 for optimisation)."""
-    backbone = copy.deepcopy(denoiser.backbone)
-    # diffusers models warn on every .to(dtype), even a no-op one: cast only when some tensor differs
-    if any(t.is_floating_point() and t.dtype != dtype for t in backbone.state_dict().values()):
-        backbone = backbone.to(dtype)
+    backbone = cast_floating(copy.deepcopy(denoiser.backbone), dtype)
     backbone.requires_grad_(True)
     backbone.train()
     return Denoiser(backbone, denoiser.schedule, denoiser.prediction_type)
@@ -95,10 +110,8 @@ class Teacher(nn.Module):
 
     def __init__(self, denoiser: Denoiser, guidance_scale: float = 1.0, dtype: torch.dtype | None = None):
         super().__init__()
-        # cast only when needed: diffusers models warn on every .to(dtype), even a no-op one
-        if dtype is not None and isinstance(denoiser.backbone, nn.Module) and any(
-                t.is_floating_point() and t.dtype != dtype for t in denoiser.backbone.state_dict().values()):
-            denoiser.backbone.to(dtype)
+        if dtype is not None and isinstance(denoiser.backbone, nn.Module):
+            cast_floating(denoiser.backbone, dtype)
         denoiser.requires_grad_(False)
         denoiser.eval()
         self.denoiser, self.guidance_scale = denoiser, guidance_scale

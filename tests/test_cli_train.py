@@ -31,6 +31,12 @@ def test_train_then_sample_writes_checkpoints_logs_grids_and_npy(tmp_path, capsy
     (["train", "recipes/toy_ring8_dmd2.yaml", "--out", "{tmp}/r", "method.name=nope"], "unknown method"),
     (["train", "recipes/toy_ring8_dmd2.yaml", "--out", "{tmp}/r", "teacher.preset=nope"], "teacher.preset='nope' is not allowed"),
     (["sample", "{tmp}", "--n", "3", "--out", "{tmp}/x.npy"], "not a run folder"),
+    # an override after an option that is not key=value: named as such, for the command that took it
+    (["train", "recipes/toy_ring8_dmd2.yaml", "--out", "{tmp}/r", "train.steps"],
+     "distill train: overrides are key=value pairs, got 'train.steps'"),
+    (["train", "recipes/toy_ring8_dmd2.yaml", "--out", "{tmp}/r", "--bogus"], "unrecognized arguments: --bogus"),
+    # optional overrides are not listed among the missing arguments
+    (["plan"], "the following arguments are required: config, --gpus, --gpu-mem (see"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, args, message):
     code = main([a.replace("{tmp}", str(tmp_path)) for a in args])

@@ -173,7 +173,7 @@ def test_plan_cli_verdict_and_advice(tiny_sdxl_dir, tmp_path, capsys, torch_sing
     recipe.write_text(yaml.safe_dump(config.to_dict()))
     total = make_plan(config, gpus=2, gpu_mem=80).total
     tight = f"{total / 1024**3 / 0.9 * 0.99:.6f}"  # just below what the replicated run needs
-    assert main(["plan", str(recipe), "--gpus", "2", "--gpu-mem", tight]) == 0
+    assert main(["plan", str(recipe), "--gpus", "2", "--gpu-mem", tight]) == 1  # the verdict is the exit status
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "train.parallel=fsdp" in out
     assert main(["plan", str(recipe), "--gpus", "2", "--gpu-mem", tight, "train.parallel=fsdp"]) == 0

@@ -34,6 +34,7 @@ from torch import nn
 
 from distill.models.denoiser import Denoiser
 from distill.models.errors import ToolkitError
+from distill.models.roles import cast_floating
 from distill.models.schedules import FlowSchedule
 
 
@@ -427,7 +428,7 @@ def export_flow_student(models, config, out_dir: str | os.PathLike, dtype: torch
             transformer.unload_lora()
         else:
             raise ToolkitError("cannot merge this LoRA student's adapter for export")
-    transformer = transformer.to(dtype)
+    transformer = cast_floating(transformer, dtype)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
         student_scheduler_config(parts.scheduler_config, len(times) > 1))
     pipe_cls = getattr(diffusers, module.PIPELINE_CLASS)
