@@ -13,6 +13,7 @@ All three wrap a :class:`~models.denoiser.Denoiser`, so each method is written o
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -77,18 +78,27 @@ def has_lora(module: nn.Module) -> bool:
     return any("lora_" in name for name, _ in module.named_parameters())
 
 
+class _EmptyFp32ListFilter(logging.Filter):
+    """Drops diffusers' "should be kept in float32: []" (0.42 warns on every dtype cast, even with none listed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
 def cast_floating(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast ``module``'s floating parameters and buffers to ``dtype`` in place (a no-op when they already are).
 
-    diffusers 0.42's ``ModelMixin.to`` warns "should be kept in float32: []" on every dtype cast, even for models
-    with no such modules (SDXL, SD3, FLUX, Sana, Z-Image): those are cast by ``nn.Module.to``, without the
-    spurious warning. A model that does list ``_keep_in_fp32_modules`` keeps diffusers' own ``to``.
+    Through the module's own ``to`` (diffusers' checks, such as its refusal to cast a quantised model, still
+    apply); only diffusers 0.42's spurious warning for an empty ``_keep_in_fp32_modules`` list is dropped.
     """
     if not any(t.is_floating_point() and t.dtype != dtype for t in module.state_dict().values()):
         return module
-    if getattr(module, "_keep_in_fp32_modules", None):
+    logger, spurious = logging.getLogger("diffusers.models.modeling_utils"), _EmptyFp32ListFilter()
+    logger.addFilter(spurious)
+    try:
         return module.to(dtype)
-    return nn.Module.to(module, dtype)
+    finally:
+        logger.removeFilter(spurious)
 
 
 def trainable_copy(denoiser: Denoiser, dtype: torch.dtype = torch.float32) -> Denoiser:
